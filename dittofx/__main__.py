@@ -1,0 +1,5 @@
+import sys
+
+from dittofx.cli import main
+
+sys.exit(main())

@@ -1,0 +1,55 @@
+"""The `dittofx` command line. Each subcommand lives in its own module with `register(subparsers)`.
+
+User errors (DittoError) print one line and exit with code 2, never a traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+
+from dittofx.errors import DittoError
+
+# Subcommand modules, in the order `dittofx --help` lists them.
+COMMANDS = ["inspect", "demo"]
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message):  # argparse's own usage errors: one line, exit 2
+        self.exit(2, f"{self.prog}: error: {message}\n")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = _Parser(prog="dittofx", description="Make vision and diffusion transformers skip repeated work.")
+    parser.add_argument("--version", action="version", version=f"%(prog)s {_version()}")
+    subparsers = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser)
+    subparsers.required = True
+    for name in COMMANDS:
+        importlib.import_module(f"dittofx.cli.{name}").register(subparsers)
+    return parser
+
+
+def _version() -> str:
+    from dittofx import __version__
+
+    return __version__
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    from dittofx import progress
+
+    progress.set_quiet(getattr(args, "quiet", False))
+    try:
+        return args.run(args) or 0
+    except DittoError as e:
+        print(f"dittofx: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("dittofx: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

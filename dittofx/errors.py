@@ -1,0 +1,28 @@
+"""User-facing errors: each is one line saying what was wrong and what is accepted.
+
+The CLI prints them without a traceback and exits with code 2; the Python API raises them.
+"""
+
+
+class DittoError(Exception):
+    """Base of every error caused by the user's input rather than by a bug in dittofx."""
+
+
+class ModelSpecError(DittoError):
+    """A MODEL argument that cannot be resolved to a model."""
+
+
+class CaptureError(DittoError):
+    """torch.export could not capture the model as one graph."""
+
+
+class UnsupportedModelError(DittoError):
+    """The model was captured but has nothing a pass can work on (no attention, no tubelets, ...)."""
+
+
+class PassSpecError(DittoError):
+    """An unknown pass, an unknown option of a pass, or an option value out of range."""
+
+
+class ExportError(DittoError):
+    """An export that failed or did not match its PyTorch module; no file is left behind."""
