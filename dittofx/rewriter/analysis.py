@@ -1,0 +1,256 @@
+"""Find the attention blocks of a captured graph, shared by all passes.
+
+For every `aten.scaled_dot_product_attention` node: the attention module and its output (after the
+output projection), the kind of sequence it runs over, the residual adds that close its sub-blocks,
+the token axis of the residual stream and its prefix tokens. Everything comes from the graph (data
+flow and axis provenance, see `axes.py`); module names are only used to name things for people.
+"""
+
+from __future__ import annotations
+
+import operator
+from dataclasses import dataclass, field
+
+import torch
+from torch import fx
+
+from dittofx.rewriter import axes as ax
+
+aten = torch.ops.aten
+SDPA = aten.scaled_dot_product_attention.default
+ADDS = {aten.add.Tensor, aten.add_.Tensor}
+
+
+@dataclass
+class AttentionSite:
+    node: fx.Node  # the SDPA node
+    module: str  # the attention module, e.g. "blocks.3.attn"
+    kind: str  # spatial | temporal | joint | cross | other
+    query: fx.Node
+    key: fx.Node
+    value: fx.Node
+    heads: int
+    tokens: int  # query sequence length
+    kv_tokens: int
+    output: fx.Node  # the attention module's output: after the output projection
+    residual: fx.Node | None  # the add of that output into the residual stream
+    seq_axis: ax.Axis = ax.EMPTY
+
+    @property
+    def is_self(self) -> bool:
+        return self.kind != "cross"
+
+
+@dataclass
+class Block:
+    name: str  # the module that holds the residual adds, e.g. "blocks.3"
+    sites: list[AttentionSite] = field(default_factory=list)
+    mlp_residual: fx.Node | None = None  # the add that closes the MLP / feed-forward sub-block
+    token_dim: int | None = None  # token axis of the residual stream after attention
+    tokens: int | None = None
+    prefix: int = 0
+
+    @property
+    def kinds(self) -> list[str]:
+        return [s.kind for s in self.sites]
+
+    @property
+    def stream(self) -> fx.Node | None:
+        """The residual stream after the last attention of the block (where ToMe merges)."""
+        residuals = [s.residual for s in self.sites if s.residual is not None]
+        return residuals[-1] if residuals else None
+
+
+@dataclass
+class Analysis:
+    blocks: list[Block]
+    axes: ax.AxisMap
+    patch_embeddings: list[fx.Node]
+    timestep_input: fx.Node | None = None
+
+    @property
+    def sites(self) -> list[AttentionSite]:
+        return [s for b in self.blocks for s in b.sites]
+
+    def block_of(self, site: AttentionSite) -> Block:
+        return next(b for b in self.blocks if site in b.sites)
+
+
+def module_path(node: fx.Node) -> list[str]:
+    """Module paths from the root to the innermost module that produced `node`."""
+    stack = node.meta.get("nn_module_stack") or {}
+    return [path for path, _ in stack.values() if path and not path.startswith("_")]
+
+
+def _in_scope(node: fx.Node, module: str) -> bool:
+    return module in module_path(node)
+
+
+def _descendants(node: fx.Node) -> set[fx.Node]:
+    seen, todo = set(), [node]
+    while todo:
+        for user in todo.pop().users:
+            if user not in seen:
+                seen.add(user)
+                todo.append(user)
+    return seen
+
+
+def _first_linear_after(node: fx.Node) -> fx.Node | None:
+    """Follow the SDPA output through views and transposes to the output projection."""
+    todo, seen = [node], set()
+    while todo:
+        n = todo.pop(0)
+        for user in n.users:
+            if user in seen:
+                continue
+            seen.add(user)
+            if user.target in (aten.linear.default, aten.matmul.default, aten.mm.default, aten.addmm.default):
+                return user
+            if len(seen) < 64:
+                todo.append(user)
+    return None
+
+
+def _attention_module(sdpa: fx.Node) -> tuple[str, fx.Node | None]:
+    """The smallest module holding both the SDPA and the output projection after it."""
+    proj = _first_linear_after(sdpa)
+    paths = module_path(sdpa)
+    if proj is not None:
+        proj_paths = set(module_path(proj))
+        common = [p for p in paths if p in proj_paths]
+        if common:
+            return common[-1], proj
+    return (paths[-1] if paths else ""), proj
+
+
+def _module_output(sdpa: fx.Node, module: str, graph_order: dict[fx.Node, int]) -> fx.Node:
+    """The last node inside `module` that the SDPA result flows into: the module's output."""
+    inside = [n for n in _descendants(sdpa) if _in_scope(n, module) and n.op == "call_function"
+              and isinstance(n.meta.get("val"), torch.Tensor)]
+    return max(inside, key=graph_order.__getitem__) if inside else sdpa
+
+
+def _residual_add(output: fx.Node, sdpa: fx.Node) -> fx.Node | None:
+    """The first add after `output` whose other operand does not come from this attention: the
+    residual connection (through gates, dropouts and the split of joint text/video outputs)."""
+    from_attention = _descendants(sdpa) | {sdpa}
+    todo, seen = [output], set()
+    while todo:
+        n = todo.pop(0)
+        for user in n.users:
+            if user in seen:
+                continue
+            seen.add(user)
+            if user.target in ADDS and all(isinstance(a, fx.Node) for a in user.args[:2]):
+                others = [a for a in user.args[:2] if a not in from_attention]
+                if others:
+                    return user
+            if user.target in ADDS or user.target in (aten.mul.Tensor, aten.dropout.default, operator.getitem,
+                                                      aten.split_with_sizes.default, aten.split.Tensor,
+                                                      aten.slice.Tensor, aten.div.Tensor, aten.to.dtype,
+                                                      aten.clone.default, aten.view.default, aten.reshape.default):
+                todo.append(user)
+    return None
+
+
+def _block_name(residual: fx.Node | None, attention_module: str) -> str:
+    if residual is not None:
+        paths = module_path(residual)
+        if paths:
+            return paths[-1]
+    return attention_module.rsplit(".", 1)[0] if "." in attention_module else attention_module
+
+
+def classify(q_axis: ax.Axis, k_axis: ax.Axis, video_inputs: set[str]) -> str:
+    """spatial: the patch grid's rows and columns; temporal: frames only; joint: both, or the grid
+    plus other tokens (text); cross: keys and values come from another sequence."""
+    if {lab for lab in k_axis.labels if lab.kind != "batch"} != {lab for lab in q_axis.labels if lab.kind != "batch"}:
+        return "cross"
+    labels = [lab for lab in q_axis.labels if lab.kind != "batch"]
+    spatial = any(lab.kind in ("grid_h", "grid_w") for lab in labels)
+    temporal = any(lab.kind == "grid_t" or (lab.kind == "input" and lab.name.split(".")[0] in video_inputs)
+                   for lab in labels)
+    other = any(lab.kind == "input" and lab.name.split(".")[0] not in video_inputs for lab in labels)
+    if spatial and not temporal and not other:
+        return "spatial"
+    if temporal and not spatial and not other:
+        return "temporal"
+    if spatial:
+        return "joint"
+    return "other"
+
+
+def analyze(gm: fx.GraphModule, batched_inputs: set[int] | None = None) -> Analysis:
+    amap = ax.propagate(gm, batched_inputs)
+    order = {n: i for i, n in enumerate(gm.graph.nodes)}
+    # inputs that feed a patch embedding are the visual inputs; their non-batch axes are frames
+    video_inputs = set()
+    for conv in amap.patch_embeddings:
+        for lab in amap[conv][0].labels:
+            if lab.kind == "input":
+                video_inputs.add(lab.name.split(".")[0])
+    blocks: dict[str, Block] = {}
+    for node in gm.graph.nodes:
+        if node.target is not SDPA:
+            continue
+        q, k, v = node.args[:3]
+        q_shape, k_shape = ax.shape_of(q), ax.shape_of(k)
+        module, _ = _attention_module(node)
+        output = _module_output(node, module, order)
+        residual = _residual_add(output, node)
+        q_axis, k_axis = amap.axis_of(q, -2), amap.axis_of(k, -2)
+        site = AttentionSite(
+            node=node, module=module, kind=classify(q_axis, k_axis, video_inputs), query=q, key=k, value=v,
+            heads=q_shape[-3] if len(q_shape) >= 4 else 1, tokens=q_shape[-2], kv_tokens=k_shape[-2],
+            output=output, residual=residual, seq_axis=q_axis)
+        name = _block_name(residual, module)
+        block = blocks.setdefault(name, Block(name))
+        block.sites.append(site)
+    for block in blocks.values():
+        _stream_facts(block, amap)
+        block.mlp_residual = _mlp_residual(block)
+    return Analysis(list(blocks.values()), amap, amap.patch_embeddings, _timestep_input(gm))
+
+
+def _stream_facts(block: Block, amap: ax.AxisMap) -> None:
+    """Token axis, token count and prefix tokens of the residual stream after the block's attention."""
+    stream = block.stream
+    self_sites = [s for s in block.sites if s.is_self]
+    if stream is None or not self_sites:
+        return
+    wanted = {lab for lab in self_sites[-1].seq_axis.labels if lab.kind != "batch"}
+    shape = ax.shape_of(stream)
+    for d, axis in enumerate(amap[stream]):
+        if wanted and wanted <= set(axis.labels) and d > 0:
+            block.token_dim, block.tokens, block.prefix = d, shape[d], axis.prefix
+            return
+
+
+def _mlp_residual(block: Block) -> fx.Node | None:
+    """The add after the block's last attention residual that closes the feed-forward sub-block."""
+    stream = block.stream
+    if stream is None:
+        return None
+    todo, seen = [stream], set()
+    residuals = {s.residual for s in block.sites}
+    while todo:
+        n = todo.pop(0)
+        for user in n.users:
+            if user in seen:
+                continue
+            seen.add(user)
+            if user.target in ADDS and stream in user.args[:2] and user not in residuals:
+                return user
+    return None
+
+
+def _timestep_input(gm: fx.GraphModule) -> fx.Node | None:
+    """The placeholder that feeds a sinusoidal embedding (sin/cos of input * frequencies)."""
+    placeholders = [n for n in gm.graph.nodes if n.op == "placeholder"]
+    trig = [n for n in gm.graph.nodes if n.target in (aten.sin.default, aten.cos.default)]
+    for ph in placeholders:
+        if any(t in _descendants(ph) for t in trig):
+            if isinstance(ph.meta.get("val"), torch.Tensor) and ph.meta["val"].dim() <= 1:
+                return ph
+    return None

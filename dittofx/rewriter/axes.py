@@ -1,0 +1,411 @@
+"""Axis provenance: which input axes, patch-grid axes and token segments each tensor axis carries.
+
+Every tensor axis in the graph gets an `Axis`: an ordered tuple of labels (major to minor) naming where
+its extent comes from (the batch, an axis of an input, the rows/columns/frames of a patch
+embedding), plus how many leading positions carry none of the patch grid (class, distillation,
+register or text tokens). Channel-like axes carry no label. This one forward walk answers every
+structural question the passes ask: is an attention over space, time, both, or another sequence;
+which axis of the residual stream holds the tokens; how many prefix tokens there are; and which
+literal sizes in reshapes, views and expands are token counts.
+"""
+
+from __future__ import annotations
+
+import operator
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import torch
+from torch import fx
+
+aten = torch.ops.aten
+
+
+@dataclass(frozen=True)
+class Label:
+    """One source of extent: `kind` is batch | input | grid_t | grid_h | grid_w; `size` its extent."""
+
+    kind: str
+    name: str
+    size: int
+
+    @property
+    def is_grid(self) -> bool:
+        return self.kind.startswith("grid")
+
+    def __repr__(self) -> str:
+        return f"{self.kind}:{self.name}({self.size})"
+
+
+@dataclass(frozen=True)
+class Axis:
+    labels: tuple[Label, ...] = ()
+    prefix: int = 0  # leading positions that carry no grid label (class / register / text tokens)
+
+    @property
+    def grid(self) -> frozenset[Label]:
+        return frozenset(lab for lab in self.labels if lab.is_grid)
+
+    def __bool__(self) -> bool:
+        return bool(self.labels)
+
+
+EMPTY = Axis()
+Axes = tuple[Axis, ...]
+
+
+@dataclass
+class AxisMap:
+    """Axes of every node's value (a tuple of Axis for a tensor, a list of those for a tuple output),
+    and the axis a symbolic size node reads (for `sym_size` and the arithmetic on it)."""
+
+    tensors: dict[fx.Node, object] = field(default_factory=dict)
+    symbols: dict[fx.Node, Axis] = field(default_factory=dict)
+    patch_embeddings: list[fx.Node] = field(default_factory=list)
+
+    def __getitem__(self, node: fx.Node) -> Axes:
+        value = self.tensors.get(node)
+        return value if isinstance(value, tuple) else ()
+
+    def axis_of(self, node: fx.Node, dim: int) -> Axis:
+        axes = self[node]
+        if not axes:
+            return EMPTY
+        return axes[dim] if -len(axes) <= dim < len(axes) else EMPTY
+
+
+def shape_of(node) -> tuple[int, ...] | None:
+    """Concrete sizes of a node's value (symbolic sizes by their example value)."""
+    val = node.meta.get("val") if isinstance(node, fx.Node) else None
+    if isinstance(val, torch.Tensor):
+        return tuple(_hint(s) for s in val.shape)
+    return None
+
+
+def _hint(size) -> int:
+    if isinstance(size, torch.SymInt):
+        return size.node.hint if size.node.has_hint() else size.node.shape_env.size_hint(size.node.expr)
+    return int(size)
+
+
+def int_value(x) -> int | None:
+    """The example value of an int argument (a literal, or a node computing a symbolic size)."""
+    if isinstance(x, int):
+        return x
+    if isinstance(x, fx.Node):
+        val = x.meta.get("val")
+        if isinstance(val, (int, torch.SymInt)):
+            return _hint(val)
+    return None
+
+
+def merge(*axes: Axis) -> Axis:
+    """Union of labels in order of first appearance; the prefix of the first non-empty operand."""
+    labels: list[Label] = []
+    prefix = 0
+    for ax in axes:
+        for lab in ax.labels:
+            if lab not in labels:
+                labels.append(lab)
+        prefix = prefix or ax.prefix
+    return Axis(tuple(labels), prefix)
+
+
+def reshape_groups(ins: tuple[int, ...], outs: tuple[int, ...]) -> list[tuple[list[int], list[int]]]:
+    """Split a row-major reshape into groups of input dims and output dims with equal products."""
+    groups, i, j = [], 0, 0
+    while i < len(ins) or j < len(outs):
+        gi, go, pi, po = [], [], 1, 1
+        if i < len(ins):
+            gi.append(i)
+            pi *= ins[i]
+            i += 1
+        if j < len(outs):
+            go.append(j)
+            po *= outs[j]
+            j += 1
+        while pi != po:
+            if pi < po and i < len(ins):
+                gi.append(i)
+                pi *= ins[i]
+                i += 1
+            elif po < pi and j < len(outs):
+                go.append(j)
+                po *= outs[j]
+                j += 1
+            else:
+                break
+        groups.append((gi, go))
+    return groups
+
+
+def _split_labels(labels: list[Label], outs: list[int]) -> list[Axis] | None:
+    """Hand ordered labels to output dims whose sizes are their products (row-major split)."""
+    result, k = [], 0
+    for size in outs:
+        got, prod = [], 1
+        while k < len(labels) and prod * labels[k].size <= size and (prod < size or labels[k].size == 1):
+            got.append(labels[k])
+            prod *= labels[k].size
+            k += 1
+        if prod != size and size != 1:
+            return None
+        result.append(Axis(tuple(got)))
+    return result if k == len(labels) else None
+
+
+def reshape_axes(in_axes: Axes, ins: tuple[int, ...], outs: tuple[int, ...]) -> Axes:
+    out: list[Axis] = [EMPTY] * len(outs)
+    for gi, go in reshape_groups(ins, outs):
+        if not go:
+            continue
+        if len(gi) == 1 and len(go) == 1:
+            out[go[0]] = in_axes[gi[0]]
+            continue
+        real_in = [d for d in gi if ins[d] != 1]
+        real_out = [d for d in go if outs[d] != 1]
+        if len(real_in) == 1 and len(real_out) == 1:  # only size-1 dims added or removed
+            out[real_out[0]] = in_axes[real_in[0]]
+            continue
+        labels = [lab for d in gi for lab in in_axes[d].labels]
+        split = _split_labels(labels, [outs[d] for d in go]) if labels else None
+        if split is None:  # unlabelled factors mixed in: every output dim carries the whole group
+            split = [Axis(tuple(labels)) if outs[d] != 1 else EMPTY for d in go]
+        for d, ax in zip(go, split):
+            out[d] = ax
+    return tuple(out)
+
+
+def _broadcast(*operands: Axes, rank: int) -> Axes:
+    out = []
+    for k in range(1, rank + 1):
+        out.append(merge(*[ax[-k] for ax in operands if len(ax) >= k]))
+    return tuple(reversed(out))
+
+
+def _norm_dim(dim: int, rank: int) -> int:
+    return dim + rank if dim < 0 else dim
+
+
+ELEMENTWISE = {
+    aten.layer_norm.default, aten.native_layer_norm.default, aten.group_norm.default, aten.rms_norm.default,
+    aten.gelu.default, aten.silu.default, aten.relu.default, aten.sigmoid.default, aten.tanh.default,
+    aten.dropout.default, aten.native_dropout.default, aten.softmax.int, aten._softmax.default,
+    aten.log_softmax.int, aten.to.dtype, aten.to.dtype_layout, aten.to.device, aten._to_copy.default,
+    aten.clone.default, aten.contiguous.default, aten.type_as.default, aten.detach.default, aten.alias.default,
+    aten.add.Tensor, aten.sub.Tensor, aten.mul.Tensor, aten.div.Tensor, aten.pow.Tensor_Scalar,
+    aten.add.Scalar, aten.mul.Scalar, aten.div.Scalar, aten.sub.Scalar, aten.rsub.Scalar, aten.neg.default,
+    aten.exp.default, aten.sqrt.default, aten.rsqrt.default, aten.sin.default, aten.cos.default,
+    aten.where.self, aten.masked_fill.Scalar, aten.masked_fill.Tensor, aten.abs.default,
+    aten.hardtanh.default, aten.erf.default, aten.log.default, aten.clamp.default,
+    aten.pow.Tensor_Tensor, aten.gelu_.default, aten.silu_.default, aten.relu_.default, aten.add_.Tensor,
+    aten.mul_.Tensor, aten.addcmul.default, aten.lerp.Scalar, aten.maximum.default, aten.minimum.default,
+    aten.eq.Tensor, aten.ne.Tensor, aten.lt.Tensor, aten.gt.Tensor, aten.ge.Scalar, aten.le.Scalar,
+    aten.bitwise_and.Tensor, aten.logical_and.default, aten.logical_not.default,
+}
+RESHAPES = {aten.reshape.default, aten.view.default, aten._unsafe_view.default}
+
+# Rules for functions a pass inserts: fn -> (node, axis map) -> axes of its value.
+CUSTOM_RULES: dict[Callable, Callable[[fx.Node, AxisMap], object]] = {}
+
+
+def register_rule(fn: Callable, rule: Callable[[fx.Node, AxisMap], object]) -> None:
+    CUSTOM_RULES[fn] = rule
+
+
+def same_as_first_input(node: fx.Node, axes: AxisMap):
+    """Rule for an inserted node that keeps the structure of its first argument (e.g. a token merge)."""
+    return axes.tensors.get(node.args[0], ())
+
+
+def propagate(gm: fx.GraphModule, batched_inputs: set[int] | None = None) -> AxisMap:
+    """Label every axis of every node. `batched_inputs`: indices of placeholders whose dim 0 is the batch."""
+    amap = AxisMap()
+    placeholder_index = 0
+    for node in gm.graph.nodes:
+        if node.op == "placeholder":
+            shape = shape_of(node)
+            if shape is not None:
+                axes = []
+                for d, size in enumerate(shape):
+                    if d == 0 and (batched_inputs is None or placeholder_index in batched_inputs):
+                        axes.append(Axis((Label("batch", "batch", size),)))
+                    elif size > 1:
+                        axes.append(Axis((Label("input", f"{node.name}.{d}", size),)))
+                    else:
+                        axes.append(EMPTY)
+                amap.tensors[node] = tuple(axes)
+            placeholder_index += 1
+        elif node.op == "get_attr":
+            shape = shape_of(node)
+            if shape is not None:
+                amap.tensors[node] = (EMPTY,) * len(shape)
+        elif node.op == "call_function":
+            try:
+                value = _rule(node, amap)
+            except Exception:  # an op used in a way the rules do not know: no labels, never a crash
+                value = None
+            if value is None:
+                value = _fallback(node, amap)
+            if isinstance(value, Axis):
+                amap.symbols[node] = value
+            elif value is not None:
+                amap.tensors[node] = value
+    return amap
+
+
+def _fallback(node: fx.Node, amap: AxisMap):
+    """Unknown op: if its value has the shape of a tensor argument, it keeps that argument's axes."""
+    shape = shape_of(node)
+    if shape is None:
+        return None
+    for arg in node.all_input_nodes:
+        if shape_of(arg) == shape and arg in amap.tensors:
+            return amap[arg]
+    return (EMPTY,) * len(shape)
+
+
+def _rule(node: fx.Node, amap: AxisMap):
+    target, args = node.target, node.args
+    if target in CUSTOM_RULES:
+        return CUSTOM_RULES[target](node, amap)
+    if target is aten.sym_size.int:
+        return amap.axis_of(args[0], args[1])
+    if target in (operator.mul, operator.floordiv, operator.add, operator.sub):
+        parts = [amap.symbols[a] for a in args if isinstance(a, fx.Node) and a in amap.symbols]
+        return merge(*parts) if parts else None
+    if target is operator.getitem:
+        value = amap.tensors.get(args[0])
+        if isinstance(value, list) and isinstance(args[1], int) and args[1] < len(value):
+            return value[args[1]]
+        return None
+    shape = shape_of(node)
+    a0 = amap[args[0]] if args and isinstance(args[0], fx.Node) else ()
+    if target in ELEMENTWISE:
+        if shape is None:
+            return None
+        operands = [amap[a] for a in node.all_input_nodes if amap[a]]
+        return _broadcast(*operands, rank=len(shape)) if operands else None
+    if target in (aten.conv1d.default, aten.conv2d.default, aten.conv3d.default, aten.convolution.default):
+        spatial = len(shape) - 2
+        kinds = {1: ["grid_t"], 2: ["grid_h", "grid_w"], 3: ["grid_t", "grid_h", "grid_w"]}[spatial]
+        amap.patch_embeddings.append(node)
+        grid = tuple(Axis((Label(k, node.name, shape[2 + i]),)) if shape[2 + i] > 1 else EMPTY
+                     for i, k in enumerate(kinds))
+        return (a0[0], EMPTY) + grid
+    if target is aten.linear.default:
+        return a0[:-1] + (EMPTY,)
+    if target in (aten.matmul.default, aten.bmm.default, aten.mm.default, aten.einsum.default):
+        if target is aten.einsum.default:
+            return None
+        b = amap[args[1]]
+        batch = _broadcast(a0[:-2], b[:-2], rank=len(shape) - 2) if len(shape) > 2 else ()
+        return batch + (a0[-2], b[-1])
+    if target is aten.scaled_dot_product_attention.default:
+        return a0[:-1] + (EMPTY,)
+    if target is aten.transpose.int:
+        d0, d1 = _norm_dim(args[1], len(a0)), _norm_dim(args[2], len(a0))
+        out = list(a0)
+        out[d0], out[d1] = out[d1], out[d0]
+        return tuple(out)
+    if target is aten.t.default:
+        return tuple(reversed(a0))
+    if target is aten.permute.default:
+        return tuple(a0[_norm_dim(d, len(a0))] for d in args[1])
+    if target in RESHAPES:
+        out = reshape_axes(a0, shape_of(args[0]), shape)
+        # an entry given as a symbolic size carries the axis it was read from
+        return tuple(amap.symbols.get(s, ax) if isinstance(s, fx.Node) and not ax else ax
+                     for s, ax in zip(args[1], out))
+    if target is aten.flatten.using_ints:
+        rank = len(a0)
+        start = _norm_dim(args[1] if len(args) > 1 else 0, rank)
+        end = _norm_dim(args[2] if len(args) > 2 else -1, rank)
+        return a0[:start] + (merge(*a0[start:end + 1]) if end > start else a0[start],) + a0[end + 1:]
+    if target is aten.unflatten.int:
+        return reshape_axes(a0, shape_of(args[0]), shape)
+    if target is aten.unsqueeze.default:
+        d = _norm_dim(args[1], len(a0) + 1)
+        return a0[:d] + (EMPTY,) + a0[d:]
+    if target in (aten.squeeze.dim, aten.squeeze.default, aten.squeeze.dims):
+        return reshape_axes(a0, shape_of(args[0]), shape)
+    if target is aten.expand.default:
+        lead = len(shape) - len(a0)
+        out = []
+        for d, s in enumerate(args[1]):
+            src = a0[d - lead] if d >= lead else EMPTY
+            if not src and isinstance(s, fx.Node):
+                src = amap.symbols.get(s, EMPTY)
+            out.append(src)
+        return tuple(out)
+    if target in (aten.cat.default, aten.concat.default):
+        return _cat(node, amap)
+    if target in (aten.select.int,):
+        d = _norm_dim(args[1], len(a0))
+        return a0[:d] + a0[d + 1:]
+    if target is aten.slice.Tensor:
+        d = _norm_dim(args[1] if len(args) > 1 else 0, len(a0))
+        start = int_value(args[2]) if len(args) > 2 and args[2] is not None else 0
+        ax = a0[d]
+        if start:
+            ax = Axis(ax.labels, max(0, ax.prefix - start))
+        return a0[:d] + (ax,) + a0[d + 1:]
+    if target in (aten.unbind.int,):
+        d = _norm_dim(args[1] if len(args) > 1 else 0, len(a0))
+        n = shape_of(args[0])[d]
+        return [a0[:d] + a0[d + 1:]] * n
+    if target in (aten.chunk.default, aten.split.Tensor, aten.split_with_sizes.default, aten.tensor_split.sections):
+        val = node.meta.get("val")
+        d = _norm_dim(args[2] if len(args) > 2 else 0, len(a0))
+        pieces = []
+        offset = 0
+        for v in val:
+            ax = a0[d]
+            pieces.append(a0[:d] + (Axis(ax.labels, max(0, ax.prefix - offset)),) + a0[d + 1:])
+            offset += _hint(v.shape[d])
+        return pieces
+    if target in (aten.sum.dim_IntList, aten.amax.default, aten.mean.dim, aten.var.correction):
+        return _reduce(node, amap)
+    if target in (aten.index_select.default, aten.gather.default, aten.repeat_interleave.self_int, aten.pad.default,
+                  aten.constant_pad_nd.default, aten.roll.default, aten.flip.default):
+        return a0 if len(a0) == len(shape) else None
+    if target is aten.embedding.default:
+        return amap[args[1]] + (EMPTY,)
+    return None
+
+
+def _reduce(node: fx.Node, amap: AxisMap) -> Axes:
+    a0 = amap[node.args[0]]
+    dims = node.args[1] if len(node.args) > 1 else None
+    keepdim = node.args[2] if len(node.args) > 2 else node.kwargs.get("keepdim", False)
+    if dims is None:
+        return ()
+    dims = {_norm_dim(d, len(a0)) for d in ([dims] if isinstance(dims, int) else dims)}
+    if keepdim:
+        return tuple(EMPTY if d in dims else ax for d, ax in enumerate(a0))
+    return tuple(ax for d, ax in enumerate(a0) if d not in dims)
+
+
+def _cat(node: fx.Node, amap: AxisMap) -> Axes:
+    shape = shape_of(node)
+    tensors = [t for t in node.args[0] if shape_of(t) is not None and len(shape_of(t)) == len(shape)]
+    dim = _norm_dim(node.args[1] if len(node.args) > 1 else 0, len(shape))
+    out = []
+    for d in range(len(shape)):
+        parts = [amap.axis_of(t, d) for t in tensors]
+        if d != dim:
+            out.append(merge(*parts))
+            continue
+        prefix, seen_grid = 0, False
+        for t, ax in zip(tensors, parts):
+            if seen_grid:
+                break
+            if ax.grid:
+                prefix += ax.prefix
+                seen_grid = True
+            else:
+                prefix += shape_of(t)[d]
+        labels = merge(*parts).labels
+        out.append(Axis(labels, prefix if seen_grid else 0))
+    return tuple(out)
+

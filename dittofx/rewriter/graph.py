@@ -1,0 +1,60 @@
+"""Small graph-editing helpers shared by the passes."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import torch
+from torch import fx
+from torch._subclasses.fake_tensor import FakeTensorMode
+from torch.fx.passes.fake_tensor_prop import FakeTensorProp
+
+
+def insert_after(node: fx.Node, fn: Callable, args: tuple, kwargs: dict | None = None,
+                 reroute: bool = True, name: str | None = None) -> fx.Node:
+    """Insert `fn(*args)` right after `node`; with `reroute`, every other user of `node` reads the new
+    node instead (the usual way to splice an op into a stream)."""
+    graph = node.graph
+    with graph.inserting_after(node):
+        new = graph.call_function(fn, args, kwargs or {})
+    if name:
+        new.name = graph._graph_namespace.create_name(name, None)
+    copy_scope(node, new)
+    if reroute:
+        node.replace_all_uses_with(new, delete_user_cb=lambda user: user is not new and not _feeds(user, new))
+    return new
+
+
+def _feeds(user: fx.Node, new: fx.Node) -> bool:
+    """True where `user` is one of the nodes computing `new`'s arguments (keep those on the old value)."""
+    return user in new.all_input_nodes
+
+
+def copy_scope(src: fx.Node, dst: fx.Node) -> None:
+    """Give an inserted node the module scope of the node it belongs with (for reports and analysis)."""
+    for key in ("nn_module_stack", "stack_trace"):
+        if key in src.meta:
+            dst.meta[key] = src.meta[key]
+
+
+def getitem(node: fx.Node, index: int) -> fx.Node:
+    import operator
+
+    with node.graph.inserting_after(node):
+        item = node.graph.call_function(operator.getitem, (node, index))
+    copy_scope(node, item)
+    return item
+
+
+def refresh_meta(gm: fx.GraphModule, flat_inputs: list) -> None:
+    """Recompute every node's `meta["val"]` (fake tensors) after an edit, from the flat example inputs."""
+    mode = FakeTensorMode(allow_non_fake_inputs=True)
+    placeholders = [n for n in gm.graph.nodes if n.op == "placeholder"]
+    fakes = [mode.from_tensor(x) if isinstance(x, torch.Tensor) else x for x in flat_inputs[:len(placeholders)]]
+    with torch.no_grad():
+        FakeTensorProp(gm, mode).propagate_dont_convert_inputs(*fakes)
+
+
+def run_flat(gm: fx.GraphModule, flat_inputs: list):
+    """Call a captured GraphModule with flat inputs (bypassing its pytree call convention)."""
+    return fx.Interpreter(gm).run(*flat_inputs)

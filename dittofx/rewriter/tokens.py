@@ -1,0 +1,150 @@
+"""Let a pass change the number of tokens: no stale sequence length may stay in the graph.
+
+torch.export writes token counts as literals (`reshape(x, [B, 197, 3, 6, 64])`). Before a pass
+changes the token count, `make_token_sizes_dynamic` rewrites every size that carries the token axis
+(found by axis provenance) into one read from the tensor at run time: a `-1` where the op allows
+it, else `sym_size(x, d)` arithmetic. The graph computes the same values as before for the same
+inputs, and any token count afterwards.
+"""
+
+from __future__ import annotations
+
+import math
+import operator
+from collections.abc import Iterable
+
+import torch
+from torch import fx
+
+from dittofx.rewriter import axes as ax
+
+aten = torch.ops.aten
+
+
+def token_labels(axis: ax.Axis) -> frozenset[ax.Label]:
+    """The labels that identify a token axis: everything but the batch."""
+    return frozenset(lab for lab in axis.labels if lab.kind != "batch")
+
+
+def _carries(axis: ax.Axis, labels: frozenset[ax.Label]) -> bool:
+    return bool(labels & set(axis.labels))
+
+
+def make_token_sizes_dynamic(gm: fx.GraphModule, amap: ax.AxisMap, labels: Iterable[ax.Label],
+                             after: fx.Node | None = None) -> int:
+    """Rewrite literal sizes that carry any of `labels` (in nodes after `after`); returns how many."""
+    labels = frozenset(labels)
+    graph = gm.graph
+    nodes = list(graph.nodes)
+    start = nodes.index(after) + 1 if after is not None else 0
+    changed = 0
+    for node in nodes[start:]:
+        if node.op != "call_function":
+            continue
+        rewrite = _REWRITES.get(node.target)
+        if rewrite is not None and rewrite(graph, node, amap, labels):
+            changed += 1
+    if changed:
+        graph.lint()
+        gm.recompile()
+    return changed
+
+
+def _size(graph: fx.Graph, node: fx.Node, x: fx.Node, dim: int) -> fx.Node:
+    with graph.inserting_before(node):
+        return graph.call_function(aten.sym_size.int, (x, dim))
+
+
+def _product(graph: fx.Graph, node: fx.Node, factors: list, divide_by: list) -> object:
+    """factors[0] * factors[1] ... // (divide_by...) as graph nodes (ints folded)."""
+    literal = math.prod(f for f in factors if isinstance(f, int))
+    value = literal
+    with graph.inserting_before(node):
+        for f in factors:
+            if isinstance(f, fx.Node):
+                value = f if value == 1 else graph.call_function(operator.mul, (value, f))
+        divisor = math.prod(d for d in divide_by if isinstance(d, int))
+        for d in divide_by:
+            if isinstance(d, fx.Node):
+                value = graph.call_function(operator.floordiv, (value, d))
+        if divisor != 1:
+            value = graph.call_function(operator.floordiv, (value, divisor))
+    return value
+
+
+def _rewrite_reshape(graph, node, amap, labels) -> bool:
+    x, target = node.args[0], list(node.args[1])
+    in_shape, out_shape = ax.shape_of(x), ax.shape_of(node)
+    in_axes, out_axes = amap[x], amap[node]
+    if in_shape is None or out_shape is None or not in_axes or len(target) != len(out_shape):
+        return False
+    fixes = {}
+    for gi, go in ax.reshape_groups(in_shape, out_shape):
+        if not any(_carries(in_axes[d], labels) for d in gi):
+            continue
+        token_out = [d for d in go if _carries(out_axes[d], labels) and isinstance(target[d], int)]
+        if not token_out:
+            continue
+        if len(token_out) > 1:  # several token dims in one group: keep the first dynamic, rest literal
+            token_out = token_out[:1]
+        t = token_out[0]
+        fixes[t] = (gi, [target[d] for d in go if d != t])
+    if not fixes:
+        return False
+    if len(fixes) == 1 and -1 not in target:
+        target[next(iter(fixes))] = -1
+    else:
+        for t, (gi, others) in fixes.items():
+            sizes = [_size(graph, node, x, d) for d in gi]
+            target[t] = _product(graph, node, sizes, others)
+    node.args = (x, target) + tuple(node.args[2:])
+    return True
+
+
+def _rewrite_expand(graph, node, amap, labels) -> bool:
+    x, target = node.args[0], list(node.args[1])
+    in_axes, in_shape = amap[x], ax.shape_of(x)
+    if not in_axes or in_shape is None:
+        return False
+    lead = len(target) - len(in_axes)
+    changed = False
+    for d in range(lead, len(target)):
+        if isinstance(target[d], int) and target[d] == in_shape[d - lead] and target[d] != -1 \
+                and _carries(in_axes[d - lead], labels):
+            target[d] = -1
+            changed = True
+    if changed:
+        node.args = (x, target) + tuple(node.args[2:])
+    return changed
+
+
+def _rewrite_split_sizes(graph, node, amap, labels) -> bool:
+    """split_with_sizes(x, [5, 32], dim): the piece that holds the tokens takes what the others leave."""
+    x, sizes = node.args[0], list(node.args[1])
+    dim = node.args[2] if len(node.args) > 2 else 0
+    axis = amap.axis_of(x, dim)
+    if not _carries(axis, labels):
+        return False
+    pieces = amap.tensors.get(node)
+    if not isinstance(pieces, list):
+        return False
+    dim = dim % len(ax.shape_of(x))
+    token_pieces = [i for i, p in enumerate(pieces) if _carries(p[dim], labels) and p[dim].grid]
+    if len(token_pieces) != 1 or not all(isinstance(s, int) for s in sizes):
+        return False
+    i = token_pieces[0]
+    total = _size(graph, node, x, dim)
+    rest = sum(s for j, s in enumerate(sizes) if j != i)
+    with graph.inserting_before(node):
+        sizes[i] = graph.call_function(operator.sub, (total, rest)) if rest else total
+    node.args = (x, sizes) + tuple(node.args[2:])
+    return True
+
+
+_REWRITES = {
+    aten.reshape.default: _rewrite_reshape,
+    aten.view.default: _rewrite_reshape,
+    aten._unsafe_view.default: _rewrite_reshape,
+    aten.expand.default: _rewrite_expand,
+    aten.split_with_sizes.default: _rewrite_split_sizes,
+}
