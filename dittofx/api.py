@@ -158,7 +158,7 @@ def rewrite(model: nn.Module, passes: list[Pass], args: tuple, kwargs: dict, *, 
                 f"scaled_dot_product_attention or softmax(Q @ K^T) @ V in the captured graph")
         result = p.run(PassContext(gm, cap, analysis, model))
         if result.changed:
-            gm.graph.eliminate_dead_code()
+            graph_util.remove_dead(gm)
             gm.recompile()
             try:
                 graph_util.refresh_meta(gm, cap.flat_inputs())

@@ -5,7 +5,7 @@ from __future__ import annotations
 import contextlib
 import sys
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 
 from rich.console import Console
 
@@ -41,13 +41,26 @@ def stage(title: str) -> Iterator[None]:
     _console.print(f"[green]✓[/green] {title} [dim]({time.perf_counter() - start:.1f}s)[/dim]")
 
 
-def track(iterable, total: int | None = None, description: str = "working"):
-    """A progress bar over `iterable` (rich), or the plain iterable when quiet or not on a terminal."""
-    if _quiet or not _console.is_terminal:
-        return iterable
-    from rich.progress import track as rich_track
+@contextlib.contextmanager
+def bar(total: int, description: str) -> Iterator[Callable[..., None]]:
+    """A progress bar of `total` steps; yields `advance()`. Plain lines when not on a terminal."""
+    if _quiet:
+        yield lambda *_: None
+        return
+    if not _console.is_terminal:
+        done = [0]
 
-    return rich_track(iterable, total=total, description=description, console=_console, transient=True)
+        def advance(*_):
+            done[0] += 1
+            _console.print(f"  {description}: {done[0]}/{total}")
+
+        yield advance
+        return
+    from rich.progress import Progress
+
+    with Progress(console=_console, transient=True) as progress:
+        task = progress.add_task(description, total=total)
+        yield lambda *_: progress.advance(task)
 
 
 def info(message: str) -> None:

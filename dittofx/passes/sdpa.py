@@ -12,7 +12,7 @@ from torch import fx
 
 from dittofx.passes.base import Pass, PassContext, PassResult
 from dittofx.rewriter.analysis import module_path
-from dittofx.rewriter.graph import copy_scope
+from dittofx.rewriter.graph import copy_scope, remove_dead
 
 aten = torch.ops.aten
 MATMULS = {aten.matmul.default, aten.bmm.default}
@@ -66,8 +66,59 @@ def match_attention(out: fx.Node):
     return q, k, v, scale, mask
 
 
+def attn_mask(sdpa: fx.Node):
+    return sdpa.args[3] if len(sdpa.args) > 3 else sdpa.kwargs.get("attn_mask")
+
+
+def _shape_only(node: fx.Node) -> bool:
+    """True when `node` is computed from sizes and constants only, never from input values."""
+    todo, seen = [node], set()
+    while todo:
+        n = todo.pop()
+        if n in seen:
+            continue
+        seen.add(n)
+        if n.op == "placeholder" or (n.op == "get_attr" and n.meta.get("val") is not None
+                                     and n.meta["val"].requires_grad):
+            return False
+        if n.target is aten.sym_size.int:
+            continue
+        todo.extend(n.all_input_nodes)
+    return True
+
+
+def drop_trivial_masks(gm: fx.GraphModule, flat_inputs: list) -> int:
+    """Remove attention masks that hide nothing and depend only on shapes (an all-true boolean mask
+    or an all-zero additive one, as transformers materialises under export). They hard-code the token
+    count and cost a masked kernel for nothing."""
+    masked = {n: attn_mask(n) for n in gm.graph.nodes if n.target is aten.scaled_dot_product_attention.default}
+    masks = {m for m in masked.values() if isinstance(m, fx.Node) and _shape_only(m)}
+    if not masks:
+        return 0
+    values = {}
+
+    class Recorder(fx.Interpreter):
+        def run_node(self, n):
+            out = super().run_node(n)
+            if n in masks:
+                values[n] = out
+            return out
+
+    with torch.no_grad():
+        Recorder(gm).run(*flat_inputs)
+    trivial = {m for m, v in values.items() if (v.all() if v.dtype == torch.bool else not v.any())}
+    for sdpa, m in masked.items():
+        if m in trivial:
+            if len(sdpa.args) > 3:
+                sdpa.args = sdpa.args[:3] + (None,) + sdpa.args[4:]
+            else:
+                sdpa.kwargs = {**sdpa.kwargs, "attn_mask": None}
+    return sum(m in trivial for m in masked.values())
+
+
 class CanonicalizeAttention(Pass):
-    """Replace softmax(Q K^T s) V by aten.scaled_dot_product_attention (exact up to rounding)."""
+    """Replace softmax(Q K^T s) V by aten.scaled_dot_product_attention (exact up to rounding), and drop
+    attention masks that mask nothing."""
 
     name = "sdpa"
 
@@ -90,7 +141,11 @@ class CanonicalizeAttention(Pass):
             result.note(None, f"canonicalised hand-written attention in {paths[-1] if paths else node.name} "
                               f"to scaled_dot_product_attention (scale {scale:.4g})")
             result.changed = True
+        dropped = drop_trivial_masks(ctx.gm, ctx.capture.flat_inputs())
+        if dropped:
+            result.note(None, f"dropped {dropped} attention masks that mask nothing")
+            result.changed = True
         if result.changed:
-            graph.eliminate_dead_code()
+            remove_dead(ctx.gm)
         return result
 

@@ -58,3 +58,22 @@ def refresh_meta(gm: fx.GraphModule, flat_inputs: list) -> None:
 def run_flat(gm: fx.GraphModule, flat_inputs: list):
     """Call a captured GraphModule with flat inputs (bypassing its pytree call convention)."""
     return fx.Interpreter(gm).run(*flat_inputs)
+
+
+def remove_dead(gm: fx.GraphModule) -> int:
+    """Erase pure nodes whose value nobody reads. Unlike fx's own dead-code elimination this also
+    erases inference-time dropouts (fx keeps every seeded-random op); asserts and mutations stay."""
+    removed = 0
+    for node in reversed(list(gm.graph.nodes)):
+        if node.op != "call_function" or node.users:
+            continue
+        target = node.target
+        schema = getattr(target, "_schema", None)
+        name = getattr(target, "__name__", "")
+        if (schema is not None and schema.is_mutable) or "assert" in name or name.endswith("_"):
+            continue
+        if target is torch.ops.aten.dropout.default and node.args[2:3] == (True,):
+            continue
+        gm.graph.erase_node(node)
+        removed += 1
+    return removed

@@ -1,0 +1,48 @@
+"""Arguments shared by the subcommands that take a MODEL."""
+
+from __future__ import annotations
+
+import argparse
+
+from dittofx.errors import DittoError
+
+MODEL_HELP = ("timm:NAME | hf:DIR_OR_ID | diffusers:DIR_OR_ID[#subfolder] | FILE.py:FUNCTION | zoo:NAME "
+              "(small random-config models: see `dittofx.zoo.NAMES`)")
+
+
+def shape(text: str) -> tuple[int, ...]:
+    try:
+        dims = tuple(int(x) for x in text.replace("x", ",").split(",") if x.strip())
+    except ValueError:
+        dims = ()
+    if not dims or any(d <= 0 for d in dims):
+        raise argparse.ArgumentTypeError(f"--input-shape takes positive sizes without the batch, e.g. 3,224,224; "
+                                         f"got {text!r}")
+    return dims
+
+
+def add_model_args(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("model", metavar="MODEL", help=MODEL_HELP)
+    parser.add_argument("--weights", metavar="FILE", help="weights to load: a safetensors file or a torch state dict")
+    parser.add_argument("--pretrained", action="store_true", help="let timm/transformers/diffusers download weights")
+    parser.add_argument("--input-shape", type=shape, metavar="C,H,W", help="input size without the batch, where it "
+                        "cannot be inferred from the model")
+    parser.add_argument("--batch", type=int, default=1, help="example batch size (default 1; the graph's batch is "
+                        "dynamic)")
+    parser.add_argument("--quiet", action="store_true", help="no progress display")
+
+
+def add_pass_args(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--pass", dest="passes", action="append", default=[], metavar="SPEC",
+                        help="a pass, e.g. tome:r=16, pab:spatial=2,temporal=4,cross=6, rlt:tau=0.1 (repeatable, "
+                             "applied in order)")
+
+
+def load_model(args):
+    """Resolve MODEL with the common arguments; errors are one-line DittoErrors."""
+    from dittofx.models import resolve
+
+    if args.batch < 1:
+        raise DittoError(f"--batch must be at least 1, got {args.batch}")
+    return resolve(args.model, weights=args.weights, pretrained=args.pretrained, input_shape=args.input_shape,
+                   batch=args.batch)

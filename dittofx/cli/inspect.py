@@ -1,0 +1,25 @@
+"""`dittofx inspect MODEL`: one line per block: attention kinds, tokens, prefix tokens, passes that apply."""
+
+from __future__ import annotations
+
+from dittofx.cli.common import add_model_args, add_pass_args, load_model
+
+
+def register(subparsers) -> None:
+    p = subparsers.add_parser("inspect", help="show the attention blocks dittofx finds and the passes that apply",
+                              description=__doc__)
+    add_model_args(p)
+    add_pass_args(p)
+    p.set_defaults(run=run)
+
+
+def run(args) -> int:
+    from dittofx import progress
+    from dittofx.api import optimize
+
+    with progress.stage(f"load {args.model}"):
+        loaded = load_model(args)
+    with progress.stage("capture and analyse" + (f", run {' '.join(args.passes)}" if args.passes else "")):
+        opt = optimize(loaded.model, args.passes, loaded.example_inputs, loaded.example_kwargs)
+    print(opt.report)
+    return 0
