@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import re
 
 from dittofx.errors import DittoError
 
@@ -12,7 +13,7 @@ MODEL_HELP = ("timm:NAME | hf:DIR_OR_ID | diffusers:DIR_OR_ID[#subfolder] | FILE
 
 def shape(text: str) -> tuple[int, ...]:
     try:
-        dims = tuple(int(x) for x in text.replace("x", ",").split(",") if x.strip())
+        dims = tuple(int(x) for x in re.split(r"[,x]", text.strip()))
     except ValueError:
         dims = ()
     if not dims or any(d <= 0 for d in dims):

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from dittofx.cli.common import add_model_args, add_pass_args, load_model
+from dittofx.errors import UnsupportedModelError
 
 
 def register(subparsers) -> None:
@@ -21,5 +22,9 @@ def run(args) -> int:
         loaded = load_model(args)
     with progress.stage("capture and analyse" + (f", run {' '.join(args.passes)}" if args.passes else "")):
         opt = optimize(loaded.model, args.passes, loaded.example_inputs, loaded.example_kwargs)
+    if not opt.report.blocks:
+        raise UnsupportedModelError(
+            f"no attention found in {args.model} ({opt.report.model}): dittofx rewrites models built from "
+            f"attention blocks (scaled_dot_product_attention or softmax(Q @ K^T) @ V)")
     print(opt.report)
     return 0

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import contextlib
+import io
+import logging
 import time
 from dataclasses import dataclass, field
 
@@ -114,8 +117,11 @@ def _positional_names(model, args_spec) -> dict:
 
 
 def _export(model, args, kwargs, dynamic_shapes):
+    # torch.export logs and prints multi-line diagnostics (graphs) on the way to a failure; the failure
+    # is reported below in one line
+    logging.disable(logging.WARNING)
     try:
-        with torch.no_grad():
+        with torch.no_grad(), contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(io.StringIO()):
             return torch.export.export(model, args, kwargs, dynamic_shapes=dynamic_shapes, strict=False)
     except Exception as e:  # torch.export raises many types; all mean "could not capture"
         first = _first_line(e)
@@ -123,6 +129,8 @@ def _export(model, args, kwargs, dynamic_shapes):
             f"torch.export could not capture {type(model).__name__}: {first}. Check that example_inputs/"
             f"example_kwargs match forward(), and replace Python control flow on tensor values "
             f"(if/len/.item()) with tensor ops or move it out of forward") from e
+    finally:
+        logging.disable(logging.NOTSET)
 
 
 def _first_line(e: Exception) -> str:

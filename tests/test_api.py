@@ -1,0 +1,105 @@
+"""optimize(): a drop-in module, exact with no passes, dynamic batch, re-capture on a new call form."""
+
+import pytest
+import torch
+from torch.utils import _pytree as pytree
+
+import dittofx
+from dittofx import zoo
+from dittofx.errors import DittoError, PassSpecError
+from dittofx.passes.sdpa import CanonicalizeAttention
+from tests.conftest import first_tensor, run
+
+
+def leaves(out):
+    if hasattr(out, "to_tuple"):
+        out = out.to_tuple()
+    return [x for x in pytree.tree_leaves(out) if isinstance(x, torch.Tensor)]
+
+
+@pytest.mark.parametrize("name", zoo.NAMES)
+def test_no_passes_is_exact_and_keeps_output_type(name):
+    zm = zoo.build(name)
+    opt = dittofx.optimize(zm.model, [], zm.example_inputs, zm.example_kwargs)
+    out, ref = run(opt, zm), run(zm.model, zm)
+    assert type(out) is type(ref)
+    assert all(torch.equal(a, b) for a, b in zip(leaves(out), leaves(ref), strict=True))
+    assert opt.report.blocks and len(opt.variants) == 1
+
+
+def test_dynamic_batch_reuses_the_graph():
+    zm = zoo.build("dit", batch=2)
+    opt = dittofx.optimize(zm.model, [], zm.example_inputs, zm.example_kwargs)
+    big = zoo.build("dit", batch=5, seed=3)
+    torch.testing.assert_close(first_tensor(run(opt, big)), first_tensor(run(zm.model, big)), rtol=0, atol=0)
+    one = zoo.build("dit", batch=1, seed=4)
+    torch.testing.assert_close(first_tensor(run(opt, one)), first_tensor(run(zm.model, one)), rtol=0, atol=0)
+    assert len(opt.variants) == 1 and opt.report.dynamic_batch
+
+
+def test_new_call_form_is_captured_again():
+    zm = zoo.build("pixart")
+    opt = dittofx.optimize(zm.model, ["sdpa"], zm.example_inputs, zm.example_kwargs)
+    with torch.no_grad():
+        out = opt(*zm.example_inputs, **zm.example_kwargs, return_dict=False)
+        ref = zm.model(*zm.example_inputs, **zm.example_kwargs, return_dict=False)
+    assert isinstance(out, tuple) and len(opt.variants) == 2
+    torch.testing.assert_close(out[0], ref[0], rtol=1e-5, atol=1e-5)
+    # kwargs in another order are the same call form
+    with torch.no_grad():
+        opt(*zm.example_inputs, **dict(reversed(list(zm.example_kwargs.items()))))
+    assert len(opt.variants) == 2
+
+
+def test_forwards_the_attributes_pipelines_read():
+    zm = zoo.build("latte")
+    opt = dittofx.optimize(zm.model, [], zm.example_inputs, zm.example_kwargs)
+    assert opt.config is zm.model.config
+    assert opt.dtype == zm.model.dtype and opt.device == zm.model.device
+    # parameters are shared with the model, not copied
+    assert {p.data_ptr() for p in opt.parameters()} <= {p.data_ptr() for p in zm.model.parameters()}
+
+
+def test_example_inputs_inferred_for_timm():
+    import timm
+
+    model = timm.create_model("vit_tiny_patch16_224", pretrained=False, depth=1, img_size=32, patch_size=8).eval()
+    opt = dittofx.optimize(model, ["sdpa"])
+    assert opt.report.blocks[0].tokens == (32 // 8) ** 2 + 1
+
+
+def test_passes_as_strings_and_objects():
+    zm = zoo.build("vit")
+    a = dittofx.optimize(zm.model, ["sdpa"], zm.example_inputs)
+    b = dittofx.optimize(zm.model, [CanonicalizeAttention()], zm.example_inputs)
+    torch.testing.assert_close(run(a, zm), run(b, zm))
+
+
+@pytest.mark.parametrize("spec, words", [
+    ("nope", ["unknown pass 'nope'", "accepted"]),
+    ("sdpa:x=1", ["unknown option 'x'", "sdpa"]),
+    ("sdpa:x", ["not KEY=VALUE"]),
+])
+def test_bad_pass_specs_are_one_line(spec, words):
+    zm = zoo.build("vit")
+    with pytest.raises(PassSpecError) as e:
+        dittofx.optimize(zm.model, [spec], zm.example_inputs)
+    assert "\n" not in str(e.value) and all(w in str(e.value) for w in words)
+
+
+def test_not_a_module():
+    with pytest.raises(DittoError, match="takes a torch.nn.Module"):
+        dittofx.optimize(lambda x: x, [])
+
+
+def test_capture_failure_is_one_line():
+    class DataDependent(torch.nn.Module):
+        def forward(self, x):
+            if x.sum() > 0:  # Python control flow on a tensor value
+                return x * 2
+            return x
+
+    with pytest.raises(DittoError) as e:
+        dittofx.optimize(DataDependent(), [], (torch.randn(2, 3),))
+    msg = str(e.value)
+    assert "\n" not in msg and "torch.export could not capture DataDependent" in msg and "control flow" in msg

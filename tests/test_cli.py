@@ -1,0 +1,85 @@
+"""The command line: inspect, errors as one line with exit code 2 and no traceback."""
+
+import subprocess
+import sys
+import textwrap
+
+import pytest
+
+from dittofx.cli import main
+
+
+def cli(capsys, *argv):
+    code = main(list(argv))
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+def test_inspect_names_every_block(capsys):
+    code, out, _ = cli(capsys, "inspect", "zoo:latte", "--quiet")
+    assert code == 0
+    lines = out.splitlines()
+    for i in range(2):
+        assert any(ln.startswith(f"transformer_blocks.{i} ") and "spatial+cross" in ln for ln in lines)
+        assert any(ln.startswith(f"temporal_transformer_blocks.{i} ") and "temporal" in ln for ln in lines)
+    assert "timestep input: timestep" in out
+
+
+@pytest.mark.slow
+def test_inspect_timm_vit_small_names_all_12_blocks(capsys):
+    code, out, _ = cli(capsys, "inspect", "timm:vit_small_patch16_224", "--quiet")
+    assert code == 0
+    for i in range(12):
+        assert any(ln.startswith(f"blocks.{i} ") and "tokens=197" in ln and "prefix=1" in ln
+                   for ln in out.splitlines()), i
+
+
+MODELS = textwrap.dedent("""
+    import torch
+    from torch import nn
+
+    def mlp():
+        return nn.Sequential(nn.Linear(8, 8), nn.ReLU()).eval(), (torch.randn(2, 8),)
+
+    class DataDependent(nn.Module):
+        def forward(self, x):
+            if x.sum() > 0:
+                return x * 2
+            return x
+
+    def data_dependent():
+        return DataDependent(), (torch.randn(2, 8),)
+""")
+
+
+@pytest.fixture
+def models_file(tmp_path):
+    path = tmp_path / "models.py"
+    path.write_text(MODELS)
+    return path
+
+
+@pytest.mark.parametrize("argv, words", [
+    (["inspect", "{file}:mlp"], ["no attention found"]),
+    (["inspect", "{file}:data_dependent"], ["could not capture", "control flow"]),
+    (["inspect", "zoo:vit", "--pass", "nope"], ["unknown pass 'nope'"]),
+    (["inspect", "zoo:vit", "--pass", "sdpa:bogus=1"], ["unknown option 'bogus'"]),
+    (["inspect", "nope:thing"], ["nope:thing"]),
+    (["inspect", "zoo:not_a_model"], ["unknown zoo model"]),
+    (["inspect", "{file}:missing_function"], ["missing_function"]),
+    (["inspect", "zoo:vit", "--input-shape", "3,x"], ["--input-shape"]),
+])
+def test_user_errors_are_one_line_exit_2(capsys, models_file, argv, words):
+    argv = [a.format(file=models_file) for a in argv]
+    code, out, err = cli(capsys, *argv, "--quiet")
+    assert code == 2
+    lines = [ln for ln in err.splitlines() if ln.strip()]
+    assert len(lines) == 1 and "Traceback" not in err, err
+    assert all(w in lines[0] for w in words), lines[0]
+
+
+def test_console_script_runs_without_traceback(models_file):
+    proc = subprocess.run([sys.executable, "-m", "dittofx", "inspect", f"{models_file}:mlp", "--quiet"],
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr
+    assert proc.stderr.startswith("dittofx: error: no attention found")
