@@ -114,5 +114,8 @@ def _print_table(timings, outputs, reference, batch: int) -> None:
         top1 = (out.argmax(1) == ref.argmax(1)).float().mean().item()
         table.add_row(name, f"{t.median * 1e3:.1f}", f"{batch / t.median:.1f}", f"{t.speedup:.2f}x",
                       f"{cos:.4f}", f"{top1:.0%}")
-    Console().print(table)
+    console = Console()
+    if not console.is_terminal:
+        console = Console(width=120)  # piped or logged: no wrapping of runtime names
+    console.print(table)
     print("speed-up: median of per-round ratios to 'eager untouched', rounds interleaved")
