@@ -124,11 +124,26 @@ def _attention_module(sdpa: fx.Node) -> tuple[str, fx.Node | None]:
     return (paths[-1] if paths else ""), proj
 
 
-def _module_output(sdpa: fx.Node, module: str, graph_order: dict[fx.Node, int]) -> fx.Node:
-    """The last node inside `module` that the SDPA result flows into: the module's output."""
+def _ancestors(node: fx.Node, stop: int, order: dict[fx.Node, int]) -> set[fx.Node]:
+    """Nodes `node` is computed from, no earlier in the graph than position `stop`."""
+    seen, todo = set(), [node]
+    while todo:
+        for arg in todo.pop().all_input_nodes:
+            if arg not in seen and order[arg] >= stop:
+                seen.add(arg)
+                todo.append(arg)
+    return seen
+
+
+def _module_output(sdpa: fx.Node, module: str, residual: fx.Node | None, order: dict[fx.Node, int]) -> fx.Node:
+    """The last node inside `module` that the SDPA result flows into before the residual add: the
+    attention module's output (for attention written inline in a block, the projection's output)."""
     inside = [n for n in _descendants(sdpa) if _in_scope(n, module) and n.op == "call_function"
               and isinstance(n.meta.get("val"), torch.Tensor)]
-    return max(inside, key=graph_order.__getitem__) if inside else sdpa
+    if residual is not None:
+        feeding = _ancestors(residual, order[sdpa], order)
+        inside = [n for n in inside if n in feeding]
+    return max(inside, key=order.__getitem__) if inside else sdpa
 
 
 def _residual_add(output: fx.Node, sdpa: fx.Node) -> fx.Node | None:
@@ -196,9 +211,9 @@ def analyze(gm: fx.GraphModule, batched_inputs: set[int] | None = None) -> Analy
             continue
         q, k, v = node.args[:3]
         q_shape, k_shape = ax.shape_of(q), ax.shape_of(k)
-        module, _ = _attention_module(node)
-        output = _module_output(node, module, order)
-        residual = _residual_add(output, node)
+        module, proj = _attention_module(node)
+        residual = _residual_add(proj if proj is not None else node, node)
+        output = _module_output(node, module, residual, order)
         q_axis, k_axis = amap.axis_of(q, -2), amap.axis_of(k, -2)
         site = AttentionSite(
             node=node, module=module, kind=classify(q_axis, k_axis, video_inputs), query=q, key=k, value=v,

@@ -114,3 +114,40 @@ def test_cogvideox_attention_is_joint_text_video():
     assert all(b.kinds == ["joint"] for b in analysis.blocks)
     for s in analysis.sites:
         assert s.tokens == s.kv_tokens and s.tokens > text
+
+
+def test_attention_written_inline_in_the_block():
+    """No attention submodule: SDPA, projection and both residual adds all live in the block."""
+    from torch import nn
+
+    class Block(nn.Module):
+        def __init__(self, dim=32, heads=4):
+            super().__init__()
+            self.heads, self.norm1, self.norm2 = heads, nn.LayerNorm(dim), nn.LayerNorm(dim)
+            self.qkv, self.proj = nn.Linear(dim, 3 * dim), nn.Linear(dim, dim)
+            self.fc1, self.fc2 = nn.Linear(dim, 64), nn.Linear(64, dim)
+
+        def forward(self, x):
+            b, n, c = x.shape
+            q, k, v = self.qkv(self.norm1(x)).reshape(b, n, 3, self.heads, -1).permute(2, 0, 3, 1, 4)
+            a = F.scaled_dot_product_attention(q, k, v).transpose(1, 2).reshape(b, n, c)
+            x = x + self.proj(a)
+            return x + self.fc2(F.gelu(self.fc1(self.norm2(x))))
+
+    class Net(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.embed = nn.Conv2d(3, 32, 4, 4)
+            self.blocks = nn.Sequential(Block(), Block())
+
+        def forward(self, img):
+            return self.blocks(self.embed(img).flatten(2).transpose(1, 2)).mean(1)
+
+    cap = capture(Net().eval(), (torch.randn(2, 3, 16, 16),))
+    analysis = analyze(cap.graph_module, cap.batched_inputs)
+    assert [b.name for b in analysis.blocks] == ["blocks.0", "blocks.1"]
+    for block in analysis.blocks:
+        site = block.sites[0]
+        assert site.kind == "spatial" and site.tokens == 16 and block.token_dim == 1
+        assert site.output.target is torch.ops.aten.linear.default  # the projection, not the block output
+        assert site.residual is not None and block.mlp_residual is not None and site.residual is not block.mlp_residual
