@@ -75,7 +75,11 @@ class _Variant(nn.Module):
         free = cap.batched_inputs if cap.dynamic_batch else set()
         self.signature = _Signature.of(cap.example_inputs, cap.example_kwargs, free)
         self.free_batch = free
-        self.runner = torch.compile(gm, fullgraph=True) if compiled else gm
+        make_runner = gm.meta.get("dittofx_runner")  # a pass whose state lives outside the graph (PAB)
+        if make_runner is not None:
+            self.runner = make_runner(gm, compiled)
+        else:
+            self.runner = torch.compile(gm, fullgraph=True) if compiled else gm
 
     def matches(self, args, kwargs) -> bool:
         return _Signature.of(args, kwargs, self.free_batch) == self.signature
@@ -134,7 +138,13 @@ class OptimizedModule(nn.Module):
         try:
             return super().__getattr__(name)
         except AttributeError:
-            return getattr(self.__dict__["_original"], name)
+            pass
+        # a value that a pass records at run time (e.g. ToMe's `tome_source`): the latest recorded
+        recorders = [m for v in self.variants for n, m in v.gm.named_children()
+                     if n == name and getattr(m, "dittofx_recorder", False)]
+        if recorders:
+            return max(recorders, key=lambda m: m.stamp).value
+        return getattr(self.__dict__["_original"], name)
 
     def extra_repr(self) -> str:
         return f"model={type(self.original).__name__}, passes=[{', '.join(p.spec() for p in self.passes)}]"
@@ -151,12 +161,12 @@ def rewrite(model: nn.Module, passes: list[Pass], args: tuple, kwargs: dict, *, 
         if not any(isinstance(p, CanonicalizeAttention) for p in passes):
             passes = [CanonicalizeAttention()] + list(passes)
     report = _report(model, cap, analysis)
-    for p in passes:
+    for i, p in enumerate(passes):
         if not analysis.sites and not isinstance(p, _canonical()):
             raise UnsupportedModelError(
                 f"{type(model).__name__} has no attention for pass {p.name!r} to rewrite: dittofx looks for "
                 f"scaled_dot_product_attention or softmax(Q @ K^T) @ V in the captured graph")
-        result = p.run(PassContext(gm, cap, analysis, model))
+        result = p.run(PassContext(gm, cap, analysis, model, later=list(passes[i + 1:])))
         if result.changed:
             graph_util.remove_dead(gm)
             gm.recompile()
@@ -173,6 +183,7 @@ def rewrite(model: nn.Module, passes: list[Pass], args: tuple, kwargs: dict, *, 
             except KeyError:
                 report.notes.extend(f"{block}: {n}" for n in notes)
         report.notes.extend(result.notes)
+        report.stats.update(result.stats)
         if not isinstance(p, _canonical()):
             report.passes.append(p.spec())
     return gm, cap, report
@@ -198,11 +209,16 @@ def _report(model: nn.Module, cap: Capture, analysis: Analysis, previous: Report
     if previous is not None:
         report.notes = previous.notes
         report.passes = previous.passes
+        report.stats = previous.stats
         for b in report.blocks:
             try:
                 b.actions = previous.block(b.name).actions
             except KeyError:
                 pass
+        # a block whose attention a pass moved into a submodule (PAB) keeps its description
+        found = {b.name: b for b in report.blocks}
+        if any(b.name not in found for b in previous.blocks):
+            report.blocks = [found.pop(b.name, b) for b in previous.blocks] + list(found.values())
     return report
 
 

@@ -34,6 +34,8 @@ class Report:
     passes: list[str] = field(default_factory=list)
     timestep_input: str | None = None
     patch_embedding: str | None = None
+    # name -> an object a pass keeps up to date at run time (e.g. RLT's tokens kept per clip); str() describes it
+    stats: dict = field(default_factory=dict)
 
     def block(self, name: str) -> BlockReport:
         for b in self.blocks:
@@ -51,4 +53,5 @@ class Report:
         if self.passes:
             head.append(f"passes: {' '.join(self.passes)}")
         lines = head + [b.line() for b in self.blocks] + [f"note: {n}" for n in self.notes]
+        lines += [f"{name}: {value}" for name, value in self.stats.items()]
         return "\n".join(lines)

@@ -83,3 +83,12 @@ def test_console_script_runs_without_traceback(models_file):
                           capture_output=True, text=True, timeout=120)
     assert proc.returncode == 2 and "Traceback" not in proc.stderr
     assert proc.stderr.startswith("dittofx: error: no attention found")
+
+
+def test_demo_runs_the_main_job_on_a_small_model(capsys):
+    code, out, _ = cli(capsys, "demo", "--model", "zoo:vit", "--r", "8", "--batch", "2", "--rounds", "1", "--quiet")
+    assert code == 0
+    rows = {ln.split("│")[1].strip(): ln for ln in out.splitlines() if ln.startswith("│")}
+    assert set(rows) == {"eager untouched", "eager ToMe r=8", "onnxruntime untouched", "onnxruntime ToMe r=8"}
+    # the untouched ONNX agrees with PyTorch; ToMe changes the output a little
+    assert "1.0000" in rows["onnxruntime untouched"] and "100%" in rows["onnxruntime untouched"]

@@ -12,7 +12,7 @@ import sys
 from dittofx.errors import DittoError
 
 # Subcommand modules, in the order `dittofx --help` lists them.
-COMMANDS = ["inspect", "demo"]
+COMMANDS = ["inspect", "export", "bench", "tune", "demo"]
 
 
 class _Parser(argparse.ArgumentParser):
@@ -37,7 +37,10 @@ def _version() -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    try:
+        args = build_parser().parse_args(argv)
+    except SystemExit as e:  # --help, --version, or a usage error already printed in one line
+        return e.code
     from dittofx import progress
 
     progress.set_quiet(getattr(args, "quiet", False))

@@ -17,7 +17,8 @@ from dittofx.errors import DittoError
 def register(subparsers) -> None:
     p = subparsers.add_parser("demo", help="ToMe on timm ViT-B/16, exported to ONNX, before/after table",
                               description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--model", default="vit_base_patch16_224", help="timm model name (default vit_base_patch16_224)")
+    p.add_argument("--model", default="vit_base_patch16_224",
+                   help="timm model name (default vit_base_patch16_224), or any MODEL spec such as zoo:vit")
     p.add_argument("--weights", metavar="FILE", help="weights (safetensors or torch state dict); random otherwise")
     p.add_argument("--r", type=int, default=16, help="tokens merged per block (default 16)")
     p.add_argument("--batch", type=int, default=4, help="batch size (default 4)")
@@ -41,8 +42,9 @@ def run(args) -> int:
         raise DittoError("--batch and --rounds must be at least 1 and --r at least 0")
     if args.threads:
         torch.set_num_threads(args.threads)
-    with progress.stage(f"build timm:{args.model} ({'weights ' + args.weights if args.weights else 'random weights'})"):
-        loaded = resolve(f"timm:{args.model}", weights=args.weights, batch=args.batch)
+    spec = args.model if ":" in args.model else f"timm:{args.model}"
+    with progress.stage(f"build {spec} ({'weights ' + args.weights if args.weights else 'random weights'})"):
+        loaded = resolve(spec, weights=args.weights, batch=args.batch)
     model, inputs = loaded.model, loaded.example_inputs
     with progress.stage(f"capture, analyse and merge tokens (tome:r={args.r})"):
         opt = optimize(model, [f"tome:r={args.r}"], inputs)

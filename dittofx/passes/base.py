@@ -25,6 +25,7 @@ class PassContext:
     capture: Capture
     analysis: Analysis
     model: torch.nn.Module  # the user's model, for what the graph does not say (configs)
+    later: list = field(default_factory=list)  # the passes that run after this one (RLT picks its layout by them)
 
 
 @dataclass
@@ -32,6 +33,7 @@ class PassResult:
     changed: bool = False
     block_notes: dict[str, list[str]] = field(default_factory=lambda: defaultdict(list))
     notes: list[str] = field(default_factory=list)  # model-level notes (clamps, skipped blocks, ...)
+    stats: dict = field(default_factory=dict)  # name -> object that describes itself (str), e.g. live counts
 
     def note(self, block: str | None, text: str) -> None:
         (self.block_notes[block] if block else self.notes).append(text)

@@ -16,6 +16,9 @@ from dittofx.passes.base import Pass
 # name -> "module:Class"; modules are imported on first use.
 REGISTRY = {
     "sdpa": "dittofx.passes.sdpa:CanonicalizeAttention",
+    "tome": "dittofx.passes.tome:ToMe",
+    "rlt": "dittofx.passes.rlt:RLT",
+    "pab": "dittofx.passes.pab:PAB",
 }
 
 

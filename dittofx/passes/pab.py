@@ -1,0 +1,196 @@
+"""Pyramid Attention Broadcast (Zhao et al., 2024): reuse attention outputs across diffusion steps.
+
+In the middle of the denoising schedule, attention outputs change little from one step to the next,
+and cross attention changes least, then temporal, then spatial attention. So, inside a timestep
+window, each attention module computes only once every `range` calls and broadcasts (reuses) its
+cached output in between, with ranges forming a pyramid: spatial 2, temporal 4, cross 6.
+
+The decision rule (as diffusers' `apply_pyramid_attention_broadcast`): an attention module computes
+when this is its first call, or the timestep is outside the open window (lo < t < hi), or its call
+index % range == 0. What is cached is the attention module's output, after the output projection.
+
+The kind of each attention comes from the graph (`rewriter.analysis`: what the sequence axis is made
+of, where keys and values come from), not from module names: joint text-video attention (CogVideoX)
+uses the spatial range and window, as VideoSys does. With `mlp=range`, the feed-forward output of
+each block is broadcast too, with the same rule over `timestep_window`. A range of None leaves that
+kind untouched; a range of 1 wraps it but always computes (the no-op switch).
+
+The timestep is the model's own timestep input, read at run time, so that
+`pipe.transformer = dittofx.optimize(pipe.transformer, ["pab"], ...)` works in any diffusers
+pipeline loop (windows are in the units of that input: 0-1000 for DDPM-style models; a model fed
+t / 1000 wants e.g. (0.1, 0.8)). Generations, guidance branches and caches are handled in
+`dittofx.runtime_pab`, which also runs the result compiled (`optimize(..., compile=True)`) and
+exported (`dittofx.exporters.onnx_pab`): on a broadcast step the attention is not computed in any
+of them. Put PAB last in a pass list: it moves each attention into a submodule, out of sight of
+later passes.
+"""
+
+from __future__ import annotations
+
+from torch import fx
+
+from dittofx.errors import PassSpecError, UnsupportedModelError
+from dittofx.passes.base import Pass, PassContext, PassResult
+from dittofx.rewriter.analysis import Analysis, Block, module_path
+from dittofx.rewriter.outline import OutlineError, exclusive_cone, outline
+from dittofx.runtime_pab import BroadcastSite, PyramidBroadcast, Rule, runner_factory
+
+RANGE_OF_KIND = {"spatial": "spatial", "joint": "spatial", "temporal": "temporal", "cross": "cross"}
+
+
+def _check_range(name: str, value) -> None:
+    if value is None:
+        return
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise PassSpecError(f"pab: {name} must be an integer >= 1 (broadcast range) or None, got {value!r}")
+
+
+def _check_window(name: str, value) -> tuple[float, float] | None:
+    if value is None:
+        return None
+    ok = isinstance(value, (tuple, list)) and len(value) == 2 and all(
+        isinstance(v, (int, float)) and not isinstance(v, bool) for v in value)
+    if not ok or not 0 <= value[0] < value[1] <= 1000:
+        raise PassSpecError(f"pab: {name} must be a timestep window (lo, hi) with 0 <= lo < hi <= 1000, got {value!r}")
+    return tuple(value)
+
+
+class PAB(Pass):
+    """Pyramid Attention Broadcast: spatial/temporal/cross ranges inside a timestep window.
+
+    spatial, temporal, cross: broadcast ranges (joint attention uses `spatial`); None leaves a kind as is.
+    timestep_window: the open window (lo, hi) of timesteps where outputs are reused.
+    spatial_window, temporal_window, cross_window: per-kind windows (default: timestep_window).
+    mlp: broadcast range of each block's feed-forward output (None: not broadcast).
+    """
+
+    name = "pab"
+
+    def __init__(self, spatial=2, temporal=4, cross=6, timestep_window=(100, 800), spatial_window=None,
+                 temporal_window=None, cross_window=None, mlp=None):
+        for k, v in (("spatial", spatial), ("temporal", temporal), ("cross", cross), ("mlp", mlp)):
+            _check_range(k, v)
+        self.ranges = {"spatial": spatial, "temporal": temporal, "cross": cross, "mlp": mlp}
+        self.timestep_window = _check_window("timestep_window", timestep_window)
+        if self.timestep_window is None:
+            raise PassSpecError("pab: timestep_window must be a window (lo, hi) with 0 <= lo < hi <= 1000, got None")
+        self.own_windows = {"spatial": _check_window("spatial_window", spatial_window),
+                            "temporal": _check_window("temporal_window", temporal_window),
+                            "cross": _check_window("cross_window", cross_window), "mlp": None}
+
+    def options(self) -> dict:
+        opts = {k: v for k, v in self.ranges.items() if k != "mlp"}
+        opts["timestep_window"] = self.timestep_window
+        for k, w in self.own_windows.items():
+            if w is not None:
+                opts[f"{k}_window"] = w
+        if self.ranges["mlp"] is not None:
+            opts["mlp"] = self.ranges["mlp"]
+        return opts
+
+    def rule(self, kind: str) -> Rule | None:
+        """The broadcast rule of an attention kind (or "mlp"), None where it is left untouched."""
+        group = RANGE_OF_KIND.get(kind, kind)
+        if group not in self.ranges or self.ranges[group] is None:
+            return None
+        return Rule(self.ranges[group], tuple(float(w) for w in self.own_windows.get(group) or self.timestep_window))
+
+    def check(self, analysis: Analysis, block: Block) -> str | None:
+        if analysis.timestep_input is None:
+            return "no timestep input (PAB needs a diffusion model's timestep)"
+        if any(self.rule(s.kind) is not None for s in block.sites):
+            return None
+        if self.ranges["mlp"] is not None and block.mlp_residual is not None:
+            return None
+        kinds = "+".join(block.kinds) or "none"
+        return f"no attention of a kind with a broadcast range here ({kinds})"
+
+    def run(self, ctx: PassContext) -> PassResult:
+        result = PassResult()
+        analysis, gm = ctx.analysis, ctx.gm
+        if analysis.timestep_input is None:
+            raise UnsupportedModelError(
+                f"{type(ctx.model).__name__} has no timestep input: PAB reuses attention across diffusion steps "
+                f"and needs a model whose forward takes the timestep (a tensor feeding a sinusoidal embedding)")
+        if "pab" in dict(gm.named_children()):
+            raise PassSpecError("pab: the graph already has PAB applied; give the pass once")
+        placeholders = [n for n in gm.graph.nodes if n.op == "placeholder"]
+        t_index = placeholders.index(analysis.timestep_input)
+        batched = sorted(i for i in ctx.capture.batched_inputs if i != t_index) or sorted(ctx.capture.batched_inputs)
+        b_index = batched[0] if batched else None
+        schedule = PyramidBroadcast(t_index, b_index)
+        gm.add_submodule("pab", schedule)
+        with gm.graph.inserting_after(placeholders[-1]):  # step = pab(timestep, x): decides every site
+            step = gm.graph.call_module(
+                "pab", (analysis.timestep_input,) + ((placeholders[b_index],) if b_index is not None else ()))
+
+        wrapped = 0
+        for block in analysis.blocks:
+            for site in block.sites:
+                rule = self.rule(site.kind)
+                if rule is None:
+                    result.note(block.name, f"pab: {site.module} ({site.kind}) left as is")
+                    continue
+                region = exclusive_cone([site.node], site.module, descendants_of=site.node)
+                if self._wrap(gm, schedule, step, region, site.module, site.kind, rule, result, block.name):
+                    wrapped += 1
+            mlp = self.rule("mlp")
+            if mlp is not None and block.mlp_residual is not None:
+                ff = _feed_forward(block)
+                if ff is None:
+                    result.note(block.name, "pab: feed-forward module not found, MLP not broadcast")
+                else:
+                    region = {n for n in gm.graph.nodes if n.op == "call_function" and ff in module_path(n)}
+                    if self._wrap(gm, schedule, step, region, ff, "mlp", mlp, result, block.name):
+                        wrapped += 1
+        if not wrapped:
+            gm.graph.erase_node(step)
+            delattr(gm, "pab")
+            result.note(None, "pab: no attention with a broadcast range; nothing wrapped")
+            return result
+        schedule.reset()
+        gm.meta["dittofx_runner"] = runner_factory  # compiled: one flat program per broadcast pattern
+        if hasattr(result, "stats"):
+            result.stats["pab"] = schedule.live  # "6 sites: 132 of 360 attention calls broadcast (37%), ..."
+        result.changed = True
+        return result
+
+    def _wrap(self, gm, schedule, step, region, module: str, kind: str, rule: Rule, result: PassResult,
+              block: str) -> bool:
+        index = len(schedule.sites)
+        try:
+            outline(gm, region, f"pab.sites.{index}",
+                    lambda child: BroadcastSite(child, index, module, kind, rule),
+                    extra_args=(step,))
+        except OutlineError as e:
+            result.note(block, f"pab: {module} not wrapped ({e})")
+            return False
+        lo, hi = rule.window
+        result.note(block, f"pab: {module} {kind} range {rule.range} in ({lo:g}, {hi:g})")
+        return True
+
+
+def _feed_forward(block: Block) -> str | None:
+    """The feed-forward module of a block: walking back from the add that closes the MLP sub-block,
+    through values computed from the residual stream (not the gates), the first child module of the
+    block met."""
+    add, stream = block.mlp_residual, block.stream
+    from_stream, todo = set(), [stream]
+    while todo:
+        for user in todo.pop().users:
+            if user not in from_stream and user is not add:
+                from_stream.add(user)
+                todo.append(user)
+    prefix = block.name + "."
+    todo = [a for a in add.args[:2] if isinstance(a, fx.Node) and a is not stream]
+    seen = set()
+    while todo:
+        n = todo.pop(0)
+        if n in seen or n.op != "call_function" or n not in from_stream:
+            continue
+        seen.add(n)
+        for path in module_path(n):
+            if path.startswith(prefix):
+                return prefix + path[len(prefix):].split(".")[0]
+        todo.extend(n.all_input_nodes)
+    return None

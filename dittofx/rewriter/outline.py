@@ -1,0 +1,122 @@
+"""Outlining: move part of a graph into a submodule that one `call_module` node calls (the inverse of
+inlining), so that a pass can decide at run time whether that part runs at all.
+
+    region = exclusive_cone(seeds, scope="blocks.3.attn")    # what only these nodes need
+    call, outputs = outline(gm, region, "cache.sites.0", wrap)  # wrap(child GraphModule) -> nn.Module
+
+The child GraphModule takes the region's inputs (tensors, SymInts, lists of tensors) as placeholders,
+reads parameters through its own `get_attr` nodes (shared, not copied), and returns a tuple of the
+region's outputs. The parent reads each output through a getitem of the call.
+"""
+
+from __future__ import annotations
+
+import operator
+from collections.abc import Callable
+
+from torch import fx, nn
+
+from dittofx.rewriter.analysis import module_path
+from dittofx.rewriter.graph import copy_scope
+
+
+class OutlineError(ValueError):
+    """The region cannot be outlined (it reads a value that depends on its own outputs)."""
+
+
+def _in_scope(node: fx.Node, scope: str | None) -> bool:
+    return scope is None or scope in module_path(node)
+
+
+def exclusive_cone(seeds, scope: str | None = None, descendants_of: fx.Node | None = None) -> set[fx.Node]:
+    """The seeds, plus every call_function node inside `scope` that only they need (all its users are in
+    the cone), plus, with `descendants_of`, every node inside `scope` computed from that node. Checks
+    with no users (shape asserts) on values of the cone join it."""
+    region = set(seeds)
+    candidates = []
+    graph = next(iter(region)).graph if region else descendants_of.graph
+    for n in graph.nodes:
+        if n.op == "call_function" and _in_scope(n, scope):
+            candidates.append(n)
+    if descendants_of is not None:
+        reached = {descendants_of}
+        for n in candidates:
+            if n is descendants_of or any(a in reached for a in n.all_input_nodes):
+                reached.add(n)
+                region.add(n)
+    changed = True
+    while changed:
+        changed = False
+        for n in reversed(candidates):
+            if n in region:
+                continue
+            if n.users and all(u in region for u in n.users):
+                region.add(n)
+                changed = True
+            elif not n.users and n.all_input_nodes and any(a in region for a in n.all_input_nodes):
+                region.add(n)
+                changed = True
+    return region
+
+
+def outline(gm: fx.GraphModule, region: set[fx.Node], target: str, wrap: Callable[[fx.GraphModule], nn.Module],
+            extra_args: tuple = ()) -> tuple[fx.Node, list[fx.Node]]:
+    """Replace `region` by `call_module(target, (*extra_args, *inputs))`; the module at `target` is
+    `wrap(child)`, where `child` computes the region. Returns the call and the getitem per output.
+
+    Parameters (get_attr nodes) the region reads are read inside the child, not passed in.
+    """
+    graph = gm.graph
+    order = {n: i for i, n in enumerate(graph.nodes)}
+    nodes = sorted(region, key=order.__getitem__)
+    inputs, seen = [], set()
+    for n in nodes:
+        for a in n.all_input_nodes:
+            if a not in region and a.op != "get_attr" and a not in seen:
+                seen.add(a)
+                inputs.append(a)
+    outputs = [n for n in nodes if any(u not in region for u in n.users)]
+    if not outputs:
+        raise OutlineError(f"region for {target} has no outputs")
+    # the call goes after the last value it reads, and must come before the first use of its outputs
+    anchors = inputs + [a for a in extra_args if isinstance(a, fx.Node)]
+    last_input = max(anchors, key=order.__getitem__) if anchors else \
+        [n for n in graph.nodes if n.op == "placeholder"][-1]
+    first_use = min((order[u] for o in outputs for u in o.users if u not in region), default=len(order))
+    if order[last_input] >= first_use:
+        raise OutlineError(f"region for {target} reads a value computed from its own outputs")
+
+    child = fx.Graph()
+    env: dict[fx.Node, fx.Node] = {}
+    for a in inputs:
+        env[a] = child.placeholder(a.name)
+        env[a].meta = dict(a.meta)
+
+    def lookup(a: fx.Node) -> fx.Node:
+        if a not in env:  # a parameter or buffer: read it in the child too
+            env[a] = child.get_attr(a.target)
+            env[a].meta = dict(a.meta)
+        return env[a]
+
+    for n in nodes:
+        env[n] = child.node_copy(n, lookup)
+    child.output(tuple(env[o] for o in outputs))
+    child_gm = fx.GraphModule(gm, child, class_name="Outlined")
+    gm.add_submodule(target, wrap(child_gm))
+
+    with graph.inserting_after(last_input):
+        call = graph.call_module(target, tuple(extra_args) + tuple(inputs))
+    copy_scope(outputs[-1], call)
+    items = []
+    previous = call
+    for j, o in enumerate(outputs):
+        with graph.inserting_after(previous):
+            item = graph.call_function(operator.getitem, (call, j))
+        copy_scope(o, item)
+        item.meta["val"] = o.meta.get("val")
+        o.replace_all_uses_with(item, delete_user_cb=lambda user: user not in region)
+        items.append(item)
+        previous = item
+    for n in reversed(nodes):
+        graph.erase_node(n)
+    return call, items
