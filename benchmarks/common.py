@@ -17,82 +17,19 @@ import os
 import platform
 import statistics
 import sys
-from collections.abc import Callable
 
 import torch
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 
-import time  # noqa: E402
-
-from dittofx import timing  # noqa: E402
-from dittofx.timing import Timing  # noqa: E402
+from dittofx.flops import count_flops  # noqa: E402
+from dittofx.timing import Timing, interleaved  # noqa: E402
 
 __all__ = ["Timing", "interleaved", "count_flops", "print_table", "write_json", "machine", "median"]
 
 
-def interleaved(fns: dict[str, Callable[[], object]], rounds: int = 5, warmup: int = 1, repeat: int = 1,
-                on_round: Callable[[int], None] | None = None, clock: str = "wall") -> dict[str, Timing]:
-    """Warm up, then time every callable once per round, rounds interleaved (A B A B ...); the first
-    entry is the baseline. Returns a Timing per name: `.median` seconds, `.speedup` (the median of
-    the per-round ratios baseline / this), `.spread`.
-
-    clock: "wall" (time.perf_counter, what a user waits for) or "cpu" (the process's CPU time). On a
-    machine shared with other jobs, "cpu" with one thread is far steadier: time spent waiting for
-    the CPU is not counted.
-    """
-    if clock == "wall":
-        return timing.interleaved(fns, rounds=rounds, warmup=warmup, repeat=repeat, on_round=on_round)
-    if clock != "cpu":
-        raise ValueError(f"clock must be 'wall' or 'cpu', not {clock!r}")
-    names = list(fns)
-    with torch.inference_mode():
-        for _ in range(warmup):
-            for name in names:
-                fns[name]()
-        seconds = {name: [] for name in names}
-        for r in range(rounds):
-            for name in (names if r % 2 == 0 else [names[0]] + names[:0:-1]):
-                start = time.process_time()
-                for _ in range(repeat):
-                    fns[name]()
-                seconds[name].append((time.process_time() - start) / repeat)
-            if on_round:
-                on_round(r)
-    base = seconds[names[0]]
-    return {name: Timing(name, s, [b / t for b, t in zip(base, s)]) for name, s in seconds.items()}
-
-
 def median(values) -> float:
     return statistics.median(list(values))
-
-
-def _sdpa_flops(query, key, value, *args, out_shape=None, **kwargs) -> int:
-    """Q K^T and P V: 2 matmuls of (N_q x d) by (d x N_k) per batch and head, 2 FLOPs per MAC."""
-    *batch, nq, d = query
-    nk, dv = key[-2], value[-1]
-    heads = 1
-    for s in batch:
-        heads *= s
-    return 2 * heads * nq * nk * (d + dv)
-
-
-def count_flops(fn: Callable[[], object]) -> int:
-    """FLOPs of the matmuls, convolutions and attentions that `fn()` runs (eager, inference mode).
-
-    torch's FlopCounterMode knows the CUDA attention kernels but not the CPU one
-    (`_scaled_dot_product_flash_attention_for_cpu`), which would count attention as free; it is
-    added here. Elementwise work (norms, activations, ToMe's gathers) is not counted.
-    """
-    from torch.utils.flop_counter import FlopCounterMode
-
-    mapping = {}
-    cpu_sdpa = getattr(torch.ops.aten, "_scaled_dot_product_flash_attention_for_cpu", None)
-    if cpu_sdpa is not None:
-        mapping[cpu_sdpa] = _sdpa_flops
-    with torch.inference_mode(), FlopCounterMode(display=False, custom_mapping=mapping) as counter:
-        fn()
-    return int(counter.get_total_flops())
 
 
 def print_table(rows: list[dict], columns: list[tuple[str, str, str]], title: str | None = None) -> str:

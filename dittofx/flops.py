@@ -21,11 +21,29 @@ from collections.abc import Callable
 import torch
 
 
+def _sdpa_flops(query, key, value, *args, out_shape=None, **kwargs) -> int:
+    """Q K^T and P V: 2 matmuls of (N_q x d) by (d x N_k) per batch and head, 2 FLOPs per MAC."""
+    *batch, nq, d = query
+    nk, dv = key[-2], value[-1]
+    heads = 1
+    for s in batch:
+        heads *= s
+    return 2 * heads * nq * nk * (d + dv)
+
+
 def count_flops(fn: Callable[[], object]) -> int:
-    """FLOPs of the matmuls, convolutions and attentions that `fn()` runs (eagerly, in inference mode)."""
+    """FLOPs of the matmuls, convolutions and attentions that `fn()` runs (eagerly, in inference mode).
+
+    torch's FlopCounterMode knows the CUDA attention kernels but not the CPU one, which it would count
+    as free; its count is added here.
+    """
     from torch.utils.flop_counter import FlopCounterMode
 
-    with torch.inference_mode(), FlopCounterMode(display=False) as counter:
+    mapping = {}
+    cpu_sdpa = getattr(torch.ops.aten, "_scaled_dot_product_flash_attention_for_cpu", None)
+    if cpu_sdpa is not None:
+        mapping[cpu_sdpa] = _sdpa_flops
+    with torch.inference_mode(), FlopCounterMode(display=False, custom_mapping=mapping) as counter:
         fn()
     return int(counter.get_total_flops())
 

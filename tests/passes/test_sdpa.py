@@ -1,6 +1,5 @@
 """Hand-written attention becomes one SDPA node, with the same outputs."""
 
-import pytest
 import timm
 import torch
 from torch import nn
