@@ -19,7 +19,14 @@ latent against no caching; `vs hook` is the max relative difference to the hook'
 
 With onnxruntime (default; --no-onnx to skip): the untouched model exported with
 `export_onnx` against the PAB export (one file per broadcast pattern, `export_pab_onnx`) driven by
-`OnnxPABRunner`, also interleaved. --compile adds torch.compile (sdpa-only vs PAB, compiled).
+`OnnxPABRunner`, also interleaved, both with the runner's session options (intra-op threads =
+--threads, no spin-waiting: idle sessions that spin steal the cores of the running one).
+--compile adds torch.compile (sdpa-only vs PAB, compiled).
+
+Threads and clock: on a shared, loaded 2-core machine, 2 intra-op threads per process oversubscribe
+the cores and every timing swings by 10x or more; use `--threads 1 --clock cpu` there (CPU time of
+this process: time spent waiting for a core is not counted), the defaults (OMP_NUM_THREADS or 2
+threads, wall clock) on a quiet machine.
 """
 
 from __future__ import annotations
@@ -148,7 +155,7 @@ def hooked(model, family):
     return model, lambda: HookRegistry.check_if_exists_or_initialize(model).reset_stateful_hooks(), clock
 
 
-def attention_bound(model, loop, sites, state) -> tuple[float, float]:
+def attention_bound(model, loop, sites, state, clock=time.perf_counter) -> tuple[float, float]:
     """(share of the untouched loop spent in the wrapped attention modules, bound on the speed-up).
 
     Each wrapped module's time over one loop, times the share of its calls that PAB broadcasts."""
@@ -158,17 +165,17 @@ def attention_bound(model, loop, sites, state) -> tuple[float, float]:
     modules = dict(model.named_modules())
     for name in sites:
         m = modules[name]
-        handles.append(m.register_forward_pre_hook(lambda mod, args, name=name: starts.__setitem__(name, time.perf_counter())))
+        handles.append(m.register_forward_pre_hook(lambda mod, args, name=name: starts.__setitem__(name, clock())))
         handles.append(m.register_forward_hook(
-            lambda mod, args, out, name=name: spent.__setitem__(name, spent[name] + time.perf_counter() - starts[name])))
+            lambda mod, args, out, name=name: spent.__setitem__(name, spent[name] + clock() - starts[name])))
     try:
         with torch.inference_mode():
             loop()  # warm
             for k in spent:
                 spent[k] = 0.0
-            start = time.perf_counter()
+            start = clock()
             loop()
-            total = time.perf_counter() - start
+            total = clock() - start
     finally:
         for h in handles:
             h.remove()
@@ -213,10 +220,11 @@ def run_config(name, family, build, description, args, rows):
         loops["dittofx"]()
     state = gm.pab.state
     sites = [s.module for s in gm.pab.sites]
-    share, bound = attention_bound(model, loops["none"], sites, state)
+    share, bound = attention_bound(model, loops["none"], sites, state,
+                                   time.process_time if args.clock == "cpu" else time.perf_counter)
     broadcast = sum(state.broadcast) / max(1, sum(state.broadcast) + sum(state.computed))
 
-    timings = interleaved(fns, rounds=args.rounds, warmup=1)
+    timings = interleaved(fns, rounds=args.rounds, warmup=1, clock=args.clock)
     ref = final["none"]
     for k in ("dittofx", "hook"):
         diff = (final[k] - ref).abs().max().item()
@@ -236,7 +244,7 @@ def run_config(name, family, build, description, args, rows):
                                               args.steps)}
         with torch.inference_mode():
             out = {k: f() for k, f in cfns.items()}  # compiles every pattern
-        ct = interleaved(cfns, rounds=args.rounds, warmup=0)
+        ct = interleaved(cfns, rounds=args.rounds, warmup=0, clock=args.clock)
         rows.append(dict(config=name, runtime="compile", variant="dittofx", seconds=ct["compiled dittofx"].median,
                          base_seconds=ct["compiled none"].median, speedup=ct["compiled dittofx"].speedup,
                          spread=ct["compiled dittofx"].spread, bound=bound,
@@ -251,7 +259,6 @@ def run_config(name, family, build, description, args, rows):
 def run_onnx(name, model, opt, x, text, kwargs, bound, args, rows, eager):
     from dittofx.exporters.onnx import export_onnx
     from dittofx.exporters.onnx_pab import export_pab_onnx
-    from dittofx.runtime import OnnxRuntimeRunner
     from dittofx.runtime_pab import OnnxPABRunner
 
     with tempfile.TemporaryDirectory() as tmp:
@@ -259,7 +266,7 @@ def run_onnx(name, model, opt, x, text, kwargs, bound, args, rows, eager):
         export_onnx(model, os.path.join(tmp, "none.onnx"), (x,), kwargs)
         export_pab_onnx(opt, os.path.join(tmp, "pab"), timesteps=scheduler(args.steps).timesteps)
         export_s = time.perf_counter() - start
-        base = OnnxRuntimeRunner(os.path.join(tmp, "none.onnx"), providers=["CPUExecutionProvider"], threads=args.threads)
+        base = _untouched_session(os.path.join(tmp, "none.onnx"), args.threads)
         pab = OnnxPABRunner(os.path.join(tmp, "pab"), providers=["CPUExecutionProvider"], threads=args.threads)
         plain = make_loop(lambda x, e, t: pab(x, e, t), x, text, args.steps)
 
@@ -269,7 +276,7 @@ def run_onnx(name, model, opt, x, text, kwargs, bound, args, rows, eager):
 
         ofns = {"ort none": make_loop(lambda x, e, t: base(x, e, t), x, text, args.steps), "ort dittofx": pab_loop}
         out = {k: f() for k, f in ofns.items()}
-        ot = interleaved(ofns, rounds=args.rounds, warmup=0)
+        ot = interleaved(ofns, rounds=args.rounds, warmup=0, clock=args.clock)
     t = ot["ort dittofx"]
     rows.append(dict(config=name, runtime="onnxruntime", variant="dittofx", seconds=t.median,
                      base_seconds=ot["ort none"].median, speedup=t.speedup, spread=t.spread, bound=bound,
@@ -279,6 +286,24 @@ def run_onnx(name, model, opt, x, text, kwargs, bound, args, rows, eager):
     print(f"   ONNX exports {export_s:.1f}s; final latent, onnxruntime vs eager (max relative difference): "
           f"untouched {_rel(out['ort none'], eager['none']):.1e}, PAB {_rel(out['ort dittofx'], eager['dittofx']):.1e}",
           flush=True)
+
+
+def _untouched_session(path, threads):
+    """The untouched export in onnxruntime with OnnxPABRunner's session options (threads, no spin-wait)."""
+    import onnxruntime as ort
+
+    so = ort.SessionOptions()
+    so.log_severity_level = 3
+    so.intra_op_num_threads = threads
+    so.add_session_config_entry("session.intra_op.allow_spinning", "0")
+    session = ort.InferenceSession(path, so, providers=["CPUExecutionProvider"])
+    names = [i.name for i in session.get_inputs()]
+
+    def call(*inputs):
+        feed = {n: v.detach().contiguous().numpy() for n, v in zip(names, inputs)}
+        return [torch.from_numpy(o) for o in session.run(None, feed)]
+
+    return call
 
 
 def _rel(a, b) -> float:
@@ -301,6 +326,8 @@ def main(argv=None) -> int:
     p.add_argument("--no-onnx", dest="onnx", action="store_false", help="skip onnxruntime")
     p.add_argument("--compile", action="store_true", help="also torch.compile (slow to compile)")
     p.add_argument("--threads", type=int, default=int(os.environ.get("OMP_NUM_THREADS", "2")))
+    p.add_argument("--clock", choices=("wall", "cpu"), default="wall",
+                   help="wall time, or this process's CPU time (steadier on a shared machine, with --threads 1)")
     p.add_argument("--json", help="write the rows and the machine to this JSON file")
     args = p.parse_args(argv)
     args.rounds = args.rounds or (2 if args.quick else 5)

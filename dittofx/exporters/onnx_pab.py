@@ -20,6 +20,10 @@ buffers to every session, so N patterns do not cost N copies of the model on dis
 
 Caches whose dim 0 is a multiple of the batch are passed batch-major, (B, multiple, ...), so every
 file keeps one dynamic `batch` dim.
+
+Cost of one session per pattern (measured, onnxruntime 1.32 CPU, 1 thread): a session that runs
+after another costs ~0.4-1 ms more than when called repeatedly, so on tiny models (2-3 ms a call)
+the onnxruntime speed-up stays at ~80 % of the bound; from 64x64 latents on, it meets the bound.
 """
 
 from __future__ import annotations

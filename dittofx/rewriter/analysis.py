@@ -8,6 +8,7 @@ flow and axis provenance, see `axes.py`); module names are only used to name thi
 
 from __future__ import annotations
 
+import math
 import operator
 from dataclasses import dataclass, field
 
@@ -147,10 +148,11 @@ def _module_output(sdpa: fx.Node, module: str, residual: fx.Node | None, order: 
 
 
 def _residual_add(output: fx.Node, sdpa: fx.Node) -> fx.Node | None:
-    """The first add after `output` whose other operand does not come from this attention: the
-    residual connection (through gates, dropouts and the split of joint text/video outputs)."""
+    """The add after `output` whose other operand does not come from this attention: the residual
+    connection (through gates, dropouts and the split of joint text/video outputs). Where a joint
+    attention feeds several streams (CogVideoX: video and text), the largest is the residual stream."""
     from_attention = _descendants(sdpa) | {sdpa}
-    todo, seen = [output], set()
+    found, todo, seen = [], [output], set()
     while todo:
         n = todo.pop(0)
         for user in n.users:
@@ -158,15 +160,15 @@ def _residual_add(output: fx.Node, sdpa: fx.Node) -> fx.Node | None:
                 continue
             seen.add(user)
             if user.target in ADDS and all(isinstance(a, fx.Node) for a in user.args[:2]):
-                others = [a for a in user.args[:2] if a not in from_attention]
-                if others:
-                    return user
+                if any(a not in from_attention for a in user.args[:2]):
+                    found.append(user)
+                    continue
             if user.target in ADDS or user.target in (aten.mul.Tensor, aten.dropout.default, operator.getitem,
                                                       aten.split_with_sizes.default, aten.split.Tensor,
                                                       aten.slice.Tensor, aten.div.Tensor, aten.to.dtype,
                                                       aten.clone.default, aten.view.default, aten.reshape.default):
                 todo.append(user)
-    return None
+    return max(found, key=lambda n: math.prod(ax.shape_of(n) or ()), default=None)
 
 
 def _block_name(residual: fx.Node | None, attention_module: str) -> str:

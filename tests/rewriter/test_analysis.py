@@ -114,6 +114,8 @@ def test_cogvideox_attention_is_joint_text_video():
     assert all(b.kinds == ["joint"] for b in analysis.blocks)
     for s in analysis.sites:
         assert s.tokens == s.kv_tokens and s.tokens > text
+    for b in analysis.blocks:  # the residual stream is the video one, not the text one
+        assert b.tokens == b.sites[0].tokens - text and b.prefix == 0
 
 
 def test_attention_written_inline_in_the_block():
