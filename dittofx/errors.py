@@ -26,3 +26,10 @@ class PassSpecError(DittoError):
 
 class ExportError(DittoError):
     """An export that failed or did not match its PyTorch module; no file is left behind."""
+
+
+def first_line(e: BaseException, limit: int = 300) -> str:
+    """The first non-empty line of an exception's message (its type name if there is none), cut to
+    `limit` characters: what a one-line user error quotes of an underlying failure."""
+    line = next((ln.strip() for ln in str(e).splitlines() if ln.strip()), type(e).__name__)
+    return line if len(line) <= limit else line[: limit - 3] + "..."

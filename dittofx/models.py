@@ -32,7 +32,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from dittofx.errors import ModelSpecError
+from dittofx.errors import ModelSpecError, first_line
 
 SPEC_FORMS = "timm:NAME, hf:DIR_OR_ID, diffusers:DIR_OR_ID[#SUBFOLDER], FILE.py:FUNCTION, zoo:NAME"
 _WEIGHT_FORMS = "accepted: a .safetensors file, or a torch.save'd state dict (optionally under 'state_dict' or 'model')"
@@ -174,11 +174,8 @@ def _short_name(path_or_id: str) -> str:
 
 
 def _one_line(exc: BaseException, limit: int = 200) -> str:
-    lines = [ln.strip() for ln in str(exc).splitlines() if ln.strip()]
-    text = lines[0] if lines else ""
-    if len(text) > limit:
-        text = text[: limit - 3] + "..."
-    return f"{type(exc).__name__}: {text}" if text else type(exc).__name__
+    text = first_line(exc, limit)
+    return text if text == type(exc).__name__ else f"{type(exc).__name__}: {text}"
 
 
 def _family_of(model: nn.Module) -> str:

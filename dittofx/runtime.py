@@ -17,7 +17,7 @@ import os
 import numpy as np
 import torch
 
-from dittofx.errors import ExportError
+from dittofx.errors import ExportError, first_line
 
 TENSORRT_MISSING = "tensorrt is not installed: pip install 'dittofx[tensorrt]' (needs an NVIDIA GPU)"
 
@@ -74,7 +74,7 @@ class OnnxRuntimeRunner:
         try:
             self.session = ort.InferenceSession(path, so, providers=list(providers))
         except Exception as e:  # noqa: BLE001 - a bad file or provider is the user's input
-            raise ExportError(f"onnxruntime cannot load {path}: {_first_line(e)}") from None
+            raise ExportError(f"onnxruntime cannot load {path}: {first_line(e)}") from None
         self.path = path
         self._inputs = self.session.get_inputs()
         self.input_names = [i.name for i in self._inputs]
@@ -108,7 +108,7 @@ def import_tensorrt():
     except ImportError:
         raise ExportError(TENSORRT_MISSING) from None
     except Exception as e:  # noqa: BLE001 - a broken install (missing libnvinfer, ...)
-        raise ExportError(f"tensorrt does not import ({_first_line(e)}): {TENSORRT_MISSING}") from None
+        raise ExportError(f"tensorrt does not import ({first_line(e)}): {TENSORRT_MISSING}") from None
     return trt
 
 
@@ -237,9 +237,3 @@ class TensorRTRunner:
     def __repr__(self) -> str:
         return f"TensorRTRunner({self.path!r}, inputs={self.input_names}, outputs={self.output_names})"
 
-
-def _first_line(e: BaseException) -> str:
-    for line in str(e).strip().splitlines():
-        if line.strip():
-            return line.strip()[:400]
-    return type(e).__name__

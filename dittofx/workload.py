@@ -32,7 +32,7 @@ from dataclasses import dataclass, replace
 import torch
 
 from dittofx.agreement import main_tensor
-from dittofx.errors import DittoError
+from dittofx.errors import DittoError, first_line
 
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".webp", ".gif", ".tif", ".tiff")
 VIDEO_SUFFIXES = (".mp4", ".mpg", ".mpeg", ".avi", ".mov", ".mkv", ".webm", ".m4v")
@@ -318,7 +318,7 @@ def _read_tensor_file(path: str):
             return load_file(path)
         return torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:  # noqa: BLE001 - a corrupt or foreign file is the user's input
-        raise DittoError(f"--inputs {path} cannot be read: {type(e).__name__}: {_first_line(e)}") from None
+        raise DittoError(f"--inputs {path} cannot be read: {type(e).__name__}: {first_line(e)}") from None
 
 
 def _match_slots(values, workload: Workload, model, path: str) -> dict:
@@ -373,7 +373,7 @@ def _open_image(file):
         with Image.open(file) as im:
             return im.convert("RGB")
     except Exception as e:  # noqa: BLE001
-        raise DittoError(f"cannot read image {file}: {_first_line(e)}") from None
+        raise DittoError(f"cannot read image {file}: {first_line(e)}") from None
 
 
 def _load_images(files, example, model, family, model_dir) -> torch.Tensor:
@@ -448,7 +448,7 @@ def _load_videos(files, example, model_dir, max_inputs, frame_stride) -> torch.T
         except DittoError:
             raise
         except Exception as e:  # noqa: BLE001
-            raise DittoError(f"cannot decode video {file}: {_first_line(e)}") from None
+            raise DittoError(f"cannot decode video {file}: {first_line(e)}") from None
         if len(clips) >= max_inputs:
             break
     if not clips:
@@ -477,9 +477,3 @@ def random_inputs(workload: Workload, samples: int, seed: int = 0) -> Workload:
     shape = (samples, *workload.main_input.shape[1:])
     return workload.with_main_input(torch.randn(shape, generator=gen).to(workload.main_input.dtype))
 
-
-def _first_line(e: BaseException) -> str:
-    for line in str(e).splitlines():
-        if line.strip():
-            return line.strip()[:300]
-    return type(e).__name__

@@ -57,7 +57,7 @@ import numpy as np
 import torch
 
 from dittofx import progress
-from dittofx.errors import ExportError
+from dittofx.errors import ExportError, first_line
 from dittofx.exporters.trt_check import TrtReport, check_tensorrt_readiness
 
 DEFAULT_OPSET = 18
@@ -159,7 +159,7 @@ def _export_eval(module, path, args, kwargs, *, opset, dynamic_batch, optimize, 
         try:
             reference = module(*args, **kwargs)
         except Exception as e:  # noqa: BLE001 - the user's model or example is wrong
-            raise ExportError(f"the model does not run on the example inputs: {type(e).__name__}: {_first_line(e)}") from None
+            raise ExportError(f"the model does not run on the example inputs: {type(e).__name__}: {first_line(e)}") from None
     out_leaves = _output_leaves(reference)
     if not out_leaves:
         raise ExportError("the model returns no tensor: nothing to export")
@@ -184,13 +184,13 @@ def _export_eval(module, path, args, kwargs, *, opset, dynamic_batch, optimize, 
                 ep = _torch_export(flat, export_tensors, shapes)
                 dynamic = True
             except Exception as e:  # noqa: BLE001 - fall back to the example's batch
-                why = "the model fixes it (a hard-coded batch size?)" if "specialized it to be a constant" in str(e) else _first_line(e)
+                why = "the model fixes it (a hard-coded batch size?)" if "specialized it to be a constant" in str(e) else first_line(e)
                 progress.warn(f"the batch cannot be dynamic: {why}; exporting with a fixed batch of {batch}")
         if ep is None:
             try:
                 ep = _torch_export(flat, tensors, None)
             except Exception as e:  # noqa: BLE001
-                raise ExportError(f"torch.export could not capture the model: {type(e).__name__}: {_first_line(e)}") from None
+                raise ExportError(f"torch.export could not capture the model: {type(e).__name__}: {first_line(e)}") from None
 
     target_dir = os.path.dirname(path)
     base = os.path.basename(path)
@@ -461,7 +461,7 @@ def _translate(ep, tensors, opset, in_names, out_names):
                 input_names=in_names, output_names=out_names, verbose=False, optimize=True,
             )
         except Exception as e:  # noqa: BLE001
-            raise ExportError(f"torch.onnx could not translate the model to ONNX opset {opset}: {type(e).__name__}: {_first_line(e)}") from None
+            raise ExportError(f"torch.onnx could not translate the model to ONNX opset {opset}: {type(e).__name__}: {first_line(e)}") from None
     if program is None:
         raise ExportError("torch.onnx returned no program")
     return program
@@ -514,7 +514,7 @@ def _optimize_onnxruntime(path: str, external: bool) -> None:
         try:
             ort.InferenceSession(path, so, providers=["CPUExecutionProvider"])
         except Exception as e:  # noqa: BLE001
-            raise ExportError(f"onnxruntime could not optimize the model: {_first_line(e)}") from None
+            raise ExportError(f"onnxruntime could not optimize the model: {first_line(e)}") from None
         if os.path.exists(path + ".data"):
             os.remove(path + ".data")
         if os.path.exists(out + ".data"):
@@ -566,7 +566,7 @@ def _check_in_onnxruntime(path, in_names, tensors, out_names, ref_tensors, rtol,
     try:
         session = ort.InferenceSession(path, so, providers=["CPUExecutionProvider"])
     except Exception as e:  # noqa: BLE001
-        raise ExportError(f"onnxruntime cannot load the exported model: {_first_line(e)}; the ONNX file was not written") from None
+        raise ExportError(f"onnxruntime cannot load the exported model: {first_line(e)}; the ONNX file was not written") from None
     wanted = {i.name for i in session.get_inputs()}
     feed = {n: _to_numpy(t) for n, t in zip(in_names, tensors) if n in wanted}
     missing = wanted - set(feed)
@@ -638,9 +638,3 @@ def _ort_message(e: BaseException) -> str:
     text = text.strip()[:300]
     return f"{node.group(1)} node {node.group(2)!r}: {text}" if node else text
 
-
-def _first_line(e: BaseException) -> str:
-    for line in str(e).strip().splitlines():
-        if line.strip():
-            return line.strip()[:400]
-    return type(e).__name__

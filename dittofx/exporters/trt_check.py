@@ -38,7 +38,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from dittofx.errors import ExportError
+from dittofx.errors import ExportError, first_line
 
 # Opset limits (see the module docstring for the sources).
 MIN_OPSET = 9
@@ -151,7 +151,7 @@ def check_tensorrt_readiness(onnx_path_or_model, trt_version: str | None = "auto
         try:
             model = onnx.load(path, load_external_data=False)
         except Exception as e:  # noqa: BLE001 - a corrupt file is the user's input
-            raise ExportError(f"{path} is not a readable ONNX model: {_first_line(e)}") from None
+            raise ExportError(f"{path} is not a readable ONNX model: {first_line(e)}") from None
     if trt_version == "auto":
         trt_version = _installed_trt_version()
 
@@ -439,7 +439,3 @@ def _installed_trt_version() -> str | None:
         return None
     return getattr(tensorrt, "__version__", None)
 
-
-def _first_line(e: BaseException) -> str:
-    text = str(e).strip().splitlines()
-    return text[0] if text else type(e).__name__

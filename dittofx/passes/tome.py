@@ -40,7 +40,7 @@ from dittofx.errors import PassSpecError, UnsupportedModelError
 from dittofx.passes.base import Pass, PassContext, PassResult
 from dittofx.rewriter import axes as ax
 from dittofx.rewriter.analysis import Analysis, AttentionSite, Block
-from dittofx.rewriter.graph import copy_scope
+from dittofx.rewriter.graph import copy_scope, descendants
 from dittofx.rewriter.tokens import make_token_sizes_dynamic, token_labels
 
 aten = torch.ops.aten
@@ -340,7 +340,7 @@ def _residual_input(site: AttentionSite) -> fx.Node | None:
     input tokens (tomesd's metric)."""
     if site.residual is None:
         return None
-    from_attention = _descendants(site.node) | {site.node}
+    from_attention = descendants(site.node) | {site.node}
     others = [a for a in site.residual.args[:2] if isinstance(a, fx.Node) and a not in from_attention]
     return others[0] if len(others) == 1 else None
 
@@ -364,7 +364,7 @@ def _feed_forward(block: Block) -> tuple[fx.Node, fx.Node, set[fx.Node]] | None:
         out = inputs[0]
     if out.target not in _LINEARS:
         return None
-    body = _ancestors(out, {stream}) & _descendants(stream)
+    body = _ancestors(out, {stream}) & descendants(stream)
     order = {n: i for i, n in enumerate(stream.graph.nodes)}
     linears = sorted((n for n in body if n.target in _LINEARS), key=order.__getitem__)
     first = linears[0]
@@ -640,7 +640,7 @@ class ToMe(Pass):
             size = add(merge_sizes, x, None, keep, src, dst)
             where = add(unmerge_index, keep, src, dst)
             merged = add(merge_wavg, x, None, size, keep, src, dst, len(b_pos))
-            projections = {u for u in x.users if site.node in _descendants(u)}
+            projections = {u for u in x.users if site.node in descendants(u)}
             _reroute(x, merged, add.nodes, projections)
             out = _Inserter(site.output, site.output)
             back = out(unmerge, site.output, where)
@@ -663,15 +663,6 @@ class ToMe(Pass):
         if not result.changed:
             result.note(None, f"tome: ratio={self.ratio}, nothing merged")
 
-
-def _descendants(node: fx.Node) -> set[fx.Node]:
-    seen, todo = set(), [node]
-    while todo:
-        for user in todo.pop().users:
-            if user not in seen:
-                seen.add(user)
-                todo.append(user)
-    return seen
 
 
 def _check_r(r):

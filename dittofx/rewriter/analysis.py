@@ -16,6 +16,7 @@ import torch
 from torch import fx
 
 from dittofx.rewriter import axes as ax
+from dittofx.rewriter.graph import descendants
 
 aten = torch.ops.aten
 SDPA = aten.scaled_dot_product_attention.default
@@ -87,15 +88,6 @@ def _in_scope(node: fx.Node, module: str) -> bool:
     return module in module_path(node)
 
 
-def _descendants(node: fx.Node) -> set[fx.Node]:
-    seen, todo = set(), [node]
-    while todo:
-        for user in todo.pop().users:
-            if user not in seen:
-                seen.add(user)
-                todo.append(user)
-    return seen
-
 
 def _first_linear_after(node: fx.Node) -> fx.Node | None:
     """Follow the SDPA output through views and transposes to the output projection."""
@@ -139,7 +131,7 @@ def _ancestors(node: fx.Node, stop: int, order: dict[fx.Node, int]) -> set[fx.No
 def _module_output(sdpa: fx.Node, module: str, residual: fx.Node | None, order: dict[fx.Node, int]) -> fx.Node:
     """The last node inside `module` that the SDPA result flows into before the residual add: the
     attention module's output (for attention written inline in a block, the projection's output)."""
-    inside = [n for n in _descendants(sdpa) if _in_scope(n, module) and n.op == "call_function"
+    inside = [n for n in descendants(sdpa) if _in_scope(n, module) and n.op == "call_function"
               and isinstance(n.meta.get("val"), torch.Tensor)]
     if residual is not None:
         feeding = _ancestors(residual, order[sdpa], order)
@@ -151,7 +143,7 @@ def _residual_add(output: fx.Node, sdpa: fx.Node) -> fx.Node | None:
     """The add after `output` whose other operand does not come from this attention: the residual
     connection (through gates, dropouts and the split of joint text/video outputs). Where a joint
     attention feeds several streams (CogVideoX: video and text), the largest is the residual stream."""
-    from_attention = _descendants(sdpa) | {sdpa}
+    from_attention = descendants(sdpa) | {sdpa}
     found, todo, seen = [], [output], set()
     while todo:
         n = todo.pop(0)
@@ -267,7 +259,7 @@ def _timestep_input(gm: fx.GraphModule) -> fx.Node | None:
     placeholders = [n for n in gm.graph.nodes if n.op == "placeholder"]
     trig = [n for n in gm.graph.nodes if n.target in (aten.sin.default, aten.cos.default)]
     for ph in placeholders:
-        if any(t in _descendants(ph) for t in trig):
+        if any(t in descendants(ph) for t in trig):
             if isinstance(ph.meta.get("val"), torch.Tensor) and ph.meta["val"].dim() <= 1:
                 return ph
     return None

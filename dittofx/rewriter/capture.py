@@ -12,7 +12,7 @@ import torch
 from torch import fx
 from torch.utils import _pytree as pytree
 
-from dittofx.errors import CaptureError
+from dittofx.errors import CaptureError, first_line
 
 
 @dataclass
@@ -124,7 +124,7 @@ def _export(model, args, kwargs, dynamic_shapes):
         with torch.no_grad(), contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(io.StringIO()):
             return torch.export.export(model, args, kwargs, dynamic_shapes=dynamic_shapes, strict=False)
     except Exception as e:  # torch.export raises many types; all mean "could not capture"
-        first = _first_line(e)
+        first = first_line(e)
         raise CaptureError(
             f"torch.export could not capture {type(model).__name__}: {first}. Check that example_inputs/"
             f"example_kwargs match forward(), and replace Python control flow on tensor values "
@@ -132,8 +132,3 @@ def _export(model, args, kwargs, dynamic_shapes):
     finally:
         logging.disable(logging.NOTSET)
 
-
-def _first_line(e: Exception) -> str:
-    text = str(e).strip().splitlines()
-    line = next((ln.strip() for ln in text if ln.strip()), type(e).__name__)
-    return line[:300]

@@ -30,6 +30,17 @@ def _feeds(user: fx.Node, new: fx.Node) -> bool:
     return user in new.all_input_nodes
 
 
+def descendants(node: fx.Node) -> set[fx.Node]:
+    """Every node computed, directly or not, from `node`."""
+    seen, todo = set(), [node]
+    while todo:
+        for user in todo.pop().users:
+            if user not in seen:
+                seen.add(user)
+                todo.append(user)
+    return seen
+
+
 def copy_scope(src: fx.Node, dst: fx.Node) -> None:
     """Give an inserted node the module scope of the node it belongs with (for reports and analysis)."""
     for key in ("nn_module_stack", "stack_trace"):
