@@ -450,7 +450,25 @@ def _quiet_torch():
 
 def _torch_export(flat, tensors, dynamic_shapes):
     with _quiet_torch():
-        return torch.export.export(flat, tuple(tensors), dynamic_shapes=dynamic_shapes, strict=False)
+        ep = torch.export.export(flat, tuple(tensors), dynamic_shapes=dynamic_shapes, strict=False)
+    _drop_noop_squeezes(ep.graph_module)
+    return ep
+
+
+def _drop_noop_squeezes(gm) -> None:
+    """`squeeze(x, d)` of a dim that is not 1 does nothing in torch, but ONNX's Squeeze rejects it
+    (diffusers' PixArt has one): remove those before translating."""
+    squeezes = (torch.ops.aten.squeeze.dim, torch.ops.aten.squeeze.dims)
+    for node in list(gm.graph.nodes):
+        if node.target not in squeezes or not isinstance(node.args[0].meta.get("val"), torch.Tensor):
+            continue
+        shape = node.args[0].meta["val"].shape
+        dims = node.args[1] if isinstance(node.args[1], (list, tuple)) else [node.args[1]]
+        if all(not (isinstance(shape[d], int) and shape[d] == 1) for d in dims) and \
+                all(isinstance(shape[d], int) for d in dims):
+            node.replace_all_uses_with(node.args[0])
+            gm.graph.erase_node(node)
+    gm.recompile()
 
 
 def _translate(ep, tensors, opset, in_names, out_names):

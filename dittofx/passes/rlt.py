@@ -57,7 +57,7 @@ from dittofx.errors import PassSpecError, UnsupportedModelError
 from dittofx.passes.base import Pass, PassContext, PassResult
 from dittofx.rewriter import axes as ax
 from dittofx.rewriter.analysis import Analysis, Block, module_path
-from dittofx.rewriter.graph import copy_scope
+from dittofx.rewriter.graph import copy_scope, descendants
 from dittofx.rewriter.tokens import make_token_sizes_dynamic
 
 aten = torch.ops.aten
@@ -775,9 +775,7 @@ class RLT(Pass):
         site = block.sites[0]
         if site.residual is None:
             raise UnsupportedModelError(f"RLT found no residual connection around {site.module}")
-        from dittofx.rewriter.analysis import _descendants
-
-        inside = _descendants(site.node) | {site.node}
+        inside = descendants(site.node) | {site.node}
         others = [a for a in site.residual.args[:2] if isinstance(a, fx.Node) and a not in inside]
         if len(others) != 1:
             raise UnsupportedModelError(f"RLT cannot tell the token stream entering {block.name}")
