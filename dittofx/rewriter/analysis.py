@@ -16,11 +16,17 @@ import torch
 from torch import fx
 
 from dittofx.rewriter import axes as ax
-from dittofx.rewriter.graph import descendants
+from dittofx.rewriter.graph import descendants, users_breadth_first
 
 aten = torch.ops.aten
 SDPA = aten.scaled_dot_product_attention.default
 ADDS = {aten.add.Tensor, aten.add_.Tensor}
+PROJECTIONS = {aten.linear.default, aten.matmul.default, aten.mm.default, aten.addmm.default}
+# what may stand between an attention's output and its residual add: gates, dropouts, casts, views,
+# the split of a joint text/video output, and adds of the attention's own values
+RESIDUAL_PATH = ADDS | {aten.mul.Tensor, aten.dropout.default, operator.getitem, aten.split_with_sizes.default,
+                        aten.split.Tensor, aten.slice.Tensor, aten.div.Tensor, aten.to.dtype, aten.clone.default,
+                        aten.view.default, aten.reshape.default}
 
 
 @dataclass
@@ -91,18 +97,9 @@ def _in_scope(node: fx.Node, module: str) -> bool:
 
 def _first_linear_after(node: fx.Node) -> fx.Node | None:
     """Follow the SDPA output through views and transposes to the output projection."""
-    todo, seen = [node], set()
-    while todo:
-        n = todo.pop(0)
-        for user in n.users:
-            if user in seen:
-                continue
-            seen.add(user)
-            if user.target in (aten.linear.default, aten.matmul.default, aten.mm.default, aten.addmm.default):
-                return user
-            if len(seen) < 64:
-                todo.append(user)
-    return None
+    count = iter(range(64))  # the projection is a few ops away; do not walk the whole graph
+    return next((user for user in users_breadth_first(node, lambda n: next(count, None) is not None)
+                 if user.target in PROJECTIONS), None)
 
 
 def _attention_module(sdpa: fx.Node) -> tuple[str, fx.Node | None]:
@@ -144,22 +141,13 @@ def _residual_add(output: fx.Node, sdpa: fx.Node) -> fx.Node | None:
     connection (through gates, dropouts and the split of joint text/video outputs). Where a joint
     attention feeds several streams (CogVideoX: video and text), the largest is the residual stream."""
     from_attention = descendants(sdpa) | {sdpa}
-    found, todo, seen = [], [output], set()
-    while todo:
-        n = todo.pop(0)
-        for user in n.users:
-            if user in seen:
-                continue
-            seen.add(user)
-            if user.target in ADDS and all(isinstance(a, fx.Node) for a in user.args[:2]):
-                if any(a not in from_attention for a in user.args[:2]):
-                    found.append(user)
-                    continue
-            if user.target in ADDS or user.target in (aten.mul.Tensor, aten.dropout.default, operator.getitem,
-                                                      aten.split_with_sizes.default, aten.split.Tensor,
-                                                      aten.slice.Tensor, aten.div.Tensor, aten.to.dtype,
-                                                      aten.clone.default, aten.view.default, aten.reshape.default):
-                todo.append(user)
+
+    def is_residual(n: fx.Node) -> bool:
+        return n.target in ADDS and all(isinstance(a, fx.Node) for a in n.args[:2]) \
+            and any(a not in from_attention for a in n.args[:2])
+
+    found = [n for n in users_breadth_first(output, lambda n: not is_residual(n) and n.target in RESIDUAL_PATH)
+             if is_residual(n)]
     return max(found, key=lambda n: math.prod(ax.shape_of(n) or ()), default=None)
 
 
@@ -241,17 +229,9 @@ def _mlp_residual(block: Block) -> fx.Node | None:
     stream = block.stream
     if stream is None:
         return None
-    todo, seen = [stream], set()
     residuals = {s.residual for s in block.sites}
-    while todo:
-        n = todo.pop(0)
-        for user in n.users:
-            if user in seen:
-                continue
-            seen.add(user)
-            if user.target in ADDS and stream in user.args[:2] and user not in residuals:
-                return user
-    return None
+    return next((user for user in stream.users
+                 if user.target in ADDS and stream in user.args[:2] and user not in residuals), None)
 
 
 def _timestep_input(gm: fx.GraphModule) -> fx.Node | None:

@@ -41,6 +41,19 @@ def descendants(node: fx.Node) -> set[fx.Node]:
     return seen
 
 
+def users_breadth_first(start: fx.Node, follow: Callable[[fx.Node], bool] = lambda n: True):
+    """Yield the nodes computed from `start`, nearest first; the walk goes on through a node only where
+    `follow(node)` is true."""
+    todo, seen = [start], set()
+    while todo:
+        for user in todo.pop(0).users:
+            if user not in seen:
+                seen.add(user)
+                yield user
+                if follow(user):
+                    todo.append(user)
+
+
 def copy_scope(src: fx.Node, dst: fx.Node) -> None:
     """Give an inserted node the module scope of the node it belongs with (for reports and analysis)."""
     for key in ("nn_module_stack", "stack_trace"):
