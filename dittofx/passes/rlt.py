@@ -39,8 +39,9 @@ graph untouched (identical outputs).
 
 Exporting: the tokenizer is plain tensor code; under torch.export it becomes NonZero + Gather with a
 data-dependent sequence length, so `export_onnx(opt, ...)` writes one ONNX file with the tokenizer
-inside (TensorRT: NonZero needs an output allocator). While exporting, pad slots are masked by an
-extra q/k column instead of an (M x M) mask (cheaper in onnxruntime; see `rlt_pad`).
+inside (TensorRT: NonZero needs an output allocator). While exporting, pad slots are left out of the
+softmax by renormalising with an extra column of v instead of a mask (cheaper in onnxruntime; see
+`rlt_attention`).
 """
 
 from __future__ import annotations
@@ -284,9 +285,9 @@ def rlt_tokenize(state: RLTState, keep: torch.Tensor, x: torch.Tensor):
     """Drop repeated tubelet tokens of `x` (B, P + N, D) and pack the clips into one sequence.
 
     Returns (packed (1, L, D), clip of each packed token (L,), pooling matrix (B, L), segment
-    starts (B,), run-length decode index (B * (P + N),), the index (B * M,) and key mask (B, 1, M, M)
-    that lay the packed tokens out one clip per row for attention (None while exporting), the index (L,)
-    back, and the key bias (B, M) behind that mask).
+    starts (B,), run-length decode index (B * (P + N),), the index (B * M,) that lays the packed tokens
+    out one clip per row for attention, the index (L,) back, and the key bias (B, M): 0, or the lowest
+    value at pad slots).
     """
     b, s, d = x.shape
     k = _kept(state, keep, x)
@@ -303,10 +304,8 @@ def rlt_tokenize(state: RLTState, keep: torch.Tensor, x: torch.Tensor):
     valid = slots.unsqueeze(0) < k.counts.unsqueeze(1)  # (B, M)
     pad_idx = (k.starts.unsqueeze(1) + torch.minimum(slots.unsqueeze(0), (k.counts - 1).unsqueeze(1))).reshape(-1)
     key_bias = torch.where(valid, torch.zeros((), dtype=x.dtype, device=x.device), _lowest(x))  # (B, M)
-    # the attention mask, its query axis spelled out (as ONNX Attention wants); none while exporting (see rlt_pad)
-    key_mask = None if torch.compiler.is_exporting() else key_bias.reshape(b, 1, 1, m).expand(b, 1, m, m)
     unpad_idx = seg * m + (torch.arange(k.idx.shape[0], device=x.device) - k.starts.index_select(0, seg))
-    return packed.unsqueeze(0), seg, pool, k.starts, k.cover, pad_idx, key_mask, unpad_idx, key_bias
+    return packed.unsqueeze(0), seg, pool, k.starts, k.cover, pad_idx, unpad_idx, key_bias
 
 
 def rlt_tokenize_padded(state: RLTState, keep: torch.Tensor, x: torch.Tensor):
@@ -343,35 +342,50 @@ def _eager() -> bool:
     return not (torch.compiler.is_compiling() or torch.compiler.is_exporting())
 
 
-def rlt_pad(t: torch.Tensor, pad_idx: torch.Tensor, key_bias: torch.Tensor, role: str) -> torch.Tensor:
-    """Packed q, k or v (1, H, L, d) -> one row per clip (B, H, M, d), for block-diagonal attention.
+def _rows(t: torch.Tensor) -> torch.Tensor:
+    """Packed (1, H, L, d) -> (L, H, d): the model's own rows (a transpose that cancels, not a copy)."""
+    return t.transpose(1, 2).squeeze(0)
 
-    While exporting, the pad slots are masked without an attention mask (an (M x M) mask add costs
-    onnxruntime ~25 % of the attention): q gets a column of ones and k a column holding the key bias
-    (0, or a large negative number at pad slots), so q.k gains exactly the bias (the SDPA scale is
-    explicit, so the extra column does not change it)."""
-    b, m = key_bias.shape
-    h, d = t.shape[1], t.shape[3]
-    rows = t.transpose(1, 2)[0]  # (L, H, d): whole rows, contiguous where the model made q/k/v by a linear
+
+def _packed(rows: torch.Tensor) -> torch.Tensor:
+    return rows.unsqueeze(0).transpose(1, 2)
+
+
+def _pad(t: torch.Tensor, pad_idx: torch.Tensor, b: int, m: int) -> torch.Tensor:
+    """Packed (1, H, L, d) -> one row per clip (B, H, M, d); pad slots repeat the clip's last token."""
+    rows = _rows(t)
+    h, d = rows.shape[1], rows.shape[2]
     if _eager() and b * m == rows.shape[0]:  # every clip has M tokens: a view
         return rows.reshape(b, m, h, d).transpose(1, 2)
-    out = rows.index_select(0, pad_idx).reshape(b, m, h, d).transpose(1, 2)
-    if role == "v" or not torch.compiler.is_exporting():
-        return out
-    if role == "q":
-        extra = torch.ones((b, h, m, 1), dtype=out.dtype, device=out.device)
-    else:
-        extra = key_bias.to(out.dtype).reshape(b, 1, m, 1).expand(b, h, m, 1)
-    return torch.cat([out, extra], dim=-1)
+    return rows.index_select(0, pad_idx).reshape(b, m, h, d).transpose(1, 2)
 
 
-def rlt_unpad(o: torch.Tensor, unpad_idx: torch.Tensor) -> torch.Tensor:
+def _unpad(o: torch.Tensor, unpad_idx: torch.Tensor) -> torch.Tensor:
     """(B, H, M, d) -> packed (1, H, L, d)."""
     b, h, m, d = o.shape
     rows = o.transpose(1, 2).reshape(b * m, h, d)
     if not (_eager() and b * m == unpad_idx.shape[0]):
         rows = rows.index_select(0, unpad_idx)
-    return rows.unsqueeze(0).transpose(1, 2)
+    return _packed(rows)
+
+
+def rlt_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, pad_idx: torch.Tensor, key_bias: torch.Tensor,
+                  unpad_idx: torch.Tensor, scale: float | None = None) -> torch.Tensor:
+    """Block-diagonal attention over packed q, k, v (1, H, L, d) -> (1, H, L, dv), without an L x L mask:
+    one row per clip (B, H, M, d), M the longest clip, the pad slots hidden by an SDPA key mask.
+
+    While exporting there is no mask (in onnxruntime a mask add, or a bias column on q and k, costs
+    ~45 % of the attention): v's pad rows are zeroed and v gains a column that is 1 at real keys, so
+    the last output column is the softmax mass on real keys, which divides the rest (~12 %). Exact: the
+    copies' logits equal the last real key's, so that mass is >= 1 / (M - n + 1)."""
+    b, m = key_bias.shape
+    qp, kp, vp = (_pad(t, pad_idx, b, m) for t in (q, k, v))
+    if not torch.compiler.is_exporting():
+        o = F.scaled_dot_product_attention(qp, kp, vp, attn_mask=key_bias.to(q.dtype).reshape(b, 1, 1, m), scale=scale)
+        return _unpad(o, unpad_idx)
+    real = (key_bias == 0).to(vp.dtype).reshape(b, 1, m, 1).expand(b, vp.shape[1], m, 1)
+    o = _unpad(F.scaled_dot_product_attention(qp, kp, torch.cat([vp * real, real], dim=-1), scale=scale), unpad_idx)
+    return o[..., :-1] / o[..., -1:]
 
 
 def rlt_block_mask(seg: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
@@ -419,7 +433,7 @@ def _tokenize_rule(node: fx.Node, amap: ax.AxisMap):
     batch = amap.axis_of(keep, 0)
     tok = amap.axis_of(x, 1)
     return [(ax.EMPTY, tok, amap.axis_of(x, 2)), (tok,), (batch, tok), (batch,), (ax.EMPTY,), (ax.EMPTY,),
-            (batch, ax.EMPTY, tok, tok), (tok,), (batch, tok)]
+            (tok,), (batch, tok)]
 
 
 def _tokenize_padded_rule(node: fx.Node, amap: ax.AxisMap):
@@ -429,15 +443,9 @@ def _tokenize_padded_rule(node: fx.Node, amap: ax.AxisMap):
     return [(batch, tok, amap.axis_of(x, 2)), (batch, tok, ax.EMPTY), (ax.EMPTY,)]
 
 
-def _pad_rule(node: fx.Node, amap: ax.AxisMap):
-    t, _, key_bias = node.args[:3]
-    a = amap[t]
-    return (amap.axis_of(key_bias, 0), a[1], a[2], a[3]) if len(a) == 4 else None
-
-
-def _unpad_rule(node: fx.Node, amap: ax.AxisMap):
-    a, tok = amap[node.args[0]], amap.axis_of(node.args[1], 0)
-    return (ax.EMPTY, a[1], tok, a[3]) if len(a) == 4 else None
+def _attention_rule(node: fx.Node, amap: ax.AxisMap):
+    q, v = amap[node.args[0]], amap[node.args[2]]
+    return (ax.EMPTY, q[1], q[2], v[3]) if len(q) == len(v) == 4 else None
 
 
 def _block_mask_rule(node: fx.Node, amap: ax.AxisMap):
@@ -465,8 +473,7 @@ ax.register_rule(rlt_keep, _keep_rule)
 ax.register_rule(rlt_patch_embed, _patch_embed_rule)
 ax.register_rule(rlt_tokenize, _tokenize_rule)
 ax.register_rule(rlt_tokenize_padded, _tokenize_padded_rule)
-ax.register_rule(rlt_pad, _pad_rule)
-ax.register_rule(rlt_unpad, _unpad_rule)
+ax.register_rule(rlt_attention, _attention_rule)
 ax.register_rule(rlt_block_mask, _block_mask_rule)
 ax.register_rule(rlt_pool, _pool_rule)
 ax.register_rule(rlt_select, _select_rule)
@@ -624,7 +631,7 @@ class RLT(Pass):
         copy_scope(stream, tok)
         outs = []
         prev = tok
-        for i in range(9 if layout == "packed" else 3):
+        for i in range(8 if layout == "packed" else 3):
             with graph.inserting_after(prev):
                 item = graph.call_function(operator.getitem, (tok, i))
             copy_scope(stream, item)
@@ -688,27 +695,19 @@ class RLT(Pass):
     def _packed_attention(self, gm, sites, outs, amap, stream) -> None:
         """Block-diagonal attention over the packed tokens at every site."""
         graph = gm.graph
-        packed, seg, _, _, _, pad_idx, key_mask, unpad_idx, key_bias = outs
+        packed, seg, _, _, _, pad_idx, unpad_idx, key_bias = outs
         block_mask = None
         for node in sites:
             q, k, v = node.args[:3]
             heads_first = all(len(ax.shape_of(n)) == 4 and amap.axis_of(n, 0).labels and amap.axis_of(n, 2).labels
                               and not amap.axis_of(n, 1).labels for n in (q, k, v))
-            if heads_first:
-                # (B, H, N, d): one row per clip, pad slots masked as keys; then back to packed
-                padded = []
-                for n, role in zip((q, k, v), "qkv"):
-                    with graph.inserting_before(node):
-                        padded.append(graph.call_function(rlt_pad, (n, pad_idx, key_bias, role)))
-                    copy_scope(node, padded[-1])
-                if node.kwargs.get("scale") is None:  # explicit: q and k may gain a column (see rlt_pad)
-                    node.kwargs = {**node.kwargs, "scale": ax.shape_of(q)[-1] ** -0.5}
-                node.args = tuple(padded) + tuple(node.args[3:])
-                self._set_mask(node, key_mask)
-                with graph.inserting_after(node):
-                    back = graph.call_function(rlt_unpad, (node, unpad_idx))
-                copy_scope(node, back)
-                node.replace_all_uses_with(back, delete_user_cb=lambda u: u is not back)
+            if heads_first:  # (B, H, N, d): block-diagonal attention one clip per row, no L x L mask
+                kwargs = {k: v for k, v in node.kwargs.items() if k != "attn_mask"}
+                with graph.inserting_before(node):
+                    att = graph.call_function(rlt_attention, (q, k, v, pad_idx, key_bias, unpad_idx), kwargs)
+                copy_scope(node, att)
+                node.replace_all_uses_with(att)
+                graph.erase_node(node)
             else:
                 # another layout: an additive (L, L) block-diagonal mask, broadcast over the leading dims
                 if block_mask is None:
@@ -882,7 +881,7 @@ class RLT(Pass):
         else:
             _, size, cover = outs
         inserted = set(outs) | {stream}
-        ours = (rlt_keep, rlt_patch_embed, rlt_tokenize, rlt_tokenize_padded, rlt_pad, rlt_unpad, rlt_block_mask)
+        ours = (rlt_keep, rlt_patch_embed, rlt_tokenize, rlt_tokenize_padded, rlt_attention, rlt_block_mask)
         for n in [n for n in graph.nodes if n in region and n is not stream]:
             for user in list(n.users):
                 if user in region or user in inserted or user.target in ours or user.target is aten.sym_size.int or \
