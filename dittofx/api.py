@@ -13,6 +13,7 @@ from dittofx.passes.base import Pass, PassContext
 from dittofx.passes.spec import REGISTRY, parse_passes
 from dittofx.report import BlockReport, Report
 from dittofx.rewriter import graph as graph_util
+from dittofx.rewriter.eager import eager_program
 from dittofx.rewriter.analysis import Analysis, analyze
 from dittofx.rewriter.capture import Capture, capture
 
@@ -75,14 +76,25 @@ class _Variant(nn.Module):
         free = cap.batched_inputs if cap.dynamic_batch else set()
         self.signature = _Signature.of(cap.example_inputs, cap.example_kwargs, free)
         self.free_batch = free
+        self.compiled = compiled
+        self.build_runner()
+
+    def build_runner(self) -> None:
+        """What a call runs: compiled, or an eager program (rewritten/eager.py) over the same tensors."""
+        gm = self.gm
         make_runner = gm.meta.get("dittofx_runner")  # a pass whose state lives outside the graph (PAB)
         if make_runner is not None:
-            self.runner = make_runner(gm, compiled)
+            self.runner = make_runner(gm, self.compiled)
         else:
-            self.runner = torch.compile(gm, fullgraph=True) if compiled else gm
+            self.runner = torch.compile(gm, fullgraph=True) if self.compiled else eager_program(gm)
 
     def matches(self, args, kwargs) -> bool:
         return _Signature.of(args, kwargs, self.free_batch) == self.signature
+
+    def run(self, args, kwargs):
+        if isinstance(self.runner, fx.GraphModule) and (torch.compiler.is_exporting() or torch.compiler.is_compiling()):
+            return self.gm(*args, **kwargs)  # traced by the caller: the graph itself, its tensors registered
+        return self.runner(*args, **kwargs)
 
 
 class OptimizedModule(nn.Module):
@@ -117,8 +129,8 @@ class OptimizedModule(nn.Module):
     def forward(self, *args, **kwargs):
         for variant in self.variants:
             if variant.matches(args, kwargs):
-                return variant.runner(*args, **kwargs)
-        return self._build(args, kwargs).runner(*args, **kwargs)
+                return variant.run(args, kwargs)
+        return self._build(args, kwargs).run(args, kwargs)
 
     def _build(self, args: tuple, kwargs: dict) -> _Variant:
         kwargs = dict(sorted(kwargs.items()))
@@ -126,6 +138,14 @@ class OptimizedModule(nn.Module):
         variant = _Variant(gm, cap, report, self.compiled)
         self.variants.append(variant)
         return variant
+
+    def _apply(self, fn, *args, **kwargs):
+        """`.to()`, `.half()`, ...: eager programs read the tensors directly, so they are bound again."""
+        result = super()._apply(fn, *args, **kwargs)
+        for variant in self.variants:
+            if not variant.compiled:
+                variant.build_runner()
+        return result
 
     def reset(self) -> None:
         """Reset the state of stateful passes (e.g. PAB's caches) in every captured graph."""

@@ -92,3 +92,15 @@ def test_demo_runs_the_main_job_on_a_small_model(capsys):
     assert set(rows) == {"eager untouched", "eager ToMe r=8", "onnxruntime untouched", "onnxruntime ToMe r=8"}
     # the untouched ONNX agrees with PyTorch; ToMe changes the output a little
     assert "1.0000" in rows["onnxruntime untouched"] and "100%" in rows["onnxruntime untouched"]
+
+
+def test_export_pab_writes_a_folder_of_patterns(capsys, tmp_path):
+    import json
+
+    code, _, _ = cli(capsys, "export", "zoo:cogvideox", "--pass", "pab", "-o", str(tmp_path / "pab"), "--quiet")
+    assert code == 0
+    manifest = json.loads((tmp_path / "pab" / "manifest.json").read_text())
+    assert len(manifest["patterns"]) >= 2 and all((tmp_path / "pab" / p["file"]).exists() for p in manifest["patterns"])
+    code, _, err = cli(capsys, "export", "zoo:cogvideox", "--pass", "pab", "-o", str(tmp_path / "pab.plan"), "--quiet")
+    assert code == 2 and "one per broadcast pattern" in err and "Traceback" not in err
+    assert not (tmp_path / "pab.plan").exists()

@@ -1,6 +1,7 @@
 """`dittofx export`, `dittofx build-engine` and `dittofx check-trt`: deploy a model to ONNX / TensorRT.
 
     dittofx export zoo:vit --pass tome:r=8 --format onnx -o vit.onnx
+    dittofx export zoo:latte --pass pab -o latte_pab/     # a folder: one ONNX per broadcast pattern
     dittofx build-engine vit.onnx -o vit.plan --fp16 --batch 1:8:32
     dittofx check-trt vit.onnx        # exit 0: TensorRT will parse it, 1: it will not
 """
@@ -25,7 +26,8 @@ def register(subparsers) -> None:
     add_pass_args(p)
     p.add_argument("--format", choices=["onnx", "tensorrt"], default=None,
                    help="onnx (default) or tensorrt (default when OUT ends in .plan/.engine)")
-    p.add_argument("-o", "--output", required=True, metavar="OUT", help="the file to write")
+    p.add_argument("-o", "--output", required=True, metavar="OUT",
+                   help="the file to write (with --pass pab: a new folder, one ONNX per broadcast pattern)")
     p.add_argument("--opset", type=int, default=None, help="ONNX opset, 18 (default) to 25; 23+ gives the ONNX Attention op")
     p.add_argument("--optimize", action="store_true",
                    help="optimize the ONNX (onnxscript; plus onnxruntime's offline optimizer for --format onnx)")
@@ -71,8 +73,12 @@ def run_export(args) -> int:
     from dittofx import progress
     from dittofx.exporters.onnx import check_output_path
 
-    out = check_output_path(args.output)
+    pab = any(spec.split(":", 1)[0].strip() == "pab" for spec in args.passes or ())
+    out = os.path.abspath(args.output) if pab else check_output_path(args.output)  # PAB: a folder (export_pab_onnx)
     fmt = args.format or ("tensorrt" if out.lower().endswith(ENGINE_SUFFIXES) else "onnx")
+    if pab and (fmt == "tensorrt" or args.optimize):
+        raise DittoError("a PAB model exports as a folder of ONNX models, one per broadcast pattern, run by "
+                         "dittofx.runtime_pab.OnnxPABRunner: use --format onnx without --optimize, -o FOLDER")
     if fmt == "onnx" and (args.fp16 or args.bf16):
         raise DittoError("--fp16/--bf16 apply to --format tensorrt (the ONNX keeps the model's precision)")
     if fmt == "onnx" and args.timing_cache:
@@ -93,7 +99,11 @@ def run_export(args) -> int:
             model = optimize(model, args.passes, example_inputs=loaded.example_inputs, example_kwargs=loaded.example_kwargs)
 
     common = dict(opset=args.opset, optimize=args.optimize, rtol=args.rtol)
-    if fmt == "onnx":
+    if pab:
+        from dittofx.exporters.onnx_pab import export_pab_onnx
+
+        result = export_pab_onnx(model, out, loaded.example_inputs, loaded.example_kwargs, opset=args.opset)
+    elif fmt == "onnx":
         from dittofx.exporters.onnx import export_onnx
 
         result = export_onnx(model, out, loaded.example_inputs, loaded.example_kwargs, **common)

@@ -132,6 +132,12 @@ def _export(module, path, example_inputs, example_kwargs, *, opset, dynamic_batc
         module = module.module()
     if not isinstance(module, torch.nn.Module):
         raise ExportError(f"export_onnx needs a torch.nn.Module, got {type(module).__name__}")
+    from dittofx.runtime_pab import PyramidBroadcast
+
+    if any(isinstance(m, PyramidBroadcast) for m in module.modules()):
+        raise ExportError("the model has PAB caches, which live between calls and one ONNX model cannot hold: "
+                          "export it with dittofx.exporters.onnx_pab.export_pab_onnx (one ONNX per broadcast "
+                          "pattern, run by OnnxPABRunner)")
     args = example_inputs if isinstance(example_inputs, (tuple, list)) else (example_inputs,)
     args = tuple(args)
     kwargs = dict(example_kwargs or {})

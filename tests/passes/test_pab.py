@@ -242,6 +242,7 @@ def test_no_timestep_input():
 
 def test_export_errors_are_one_line(tmp_path):
     from dittofx.errors import ExportError
+    from dittofx.exporters.onnx import export_onnx
     from dittofx.exporters.onnx_pab import export_pab_onnx
     from dittofx.runtime_pab import OnnxPABRunner
 
@@ -255,6 +256,10 @@ def test_export_errors_are_one_line(tmp_path):
     with pytest.raises(ExportError, match="no manifest.json"):
         OnnxPABRunner(tmp_path / "full")
     assert not (tmp_path / "out").exists()
+    # one ONNX model cannot hold the caches: export_onnx refuses instead of dropping the broadcast
+    with pytest.raises(ExportError, match="PAB caches.*export_pab_onnx"):
+        export_onnx(optimized("cogvideox"), tmp_path / "one.onnx")
+    assert not (tmp_path / "one.onnx").exists()
 
 
 # ---------------------------------------------------------------------------------------------
