@@ -21,9 +21,10 @@ buffers to every session, so N patterns do not cost N copies of the model on dis
 Caches whose dim 0 is a multiple of the batch are passed batch-major, (B, multiple, ...), so every
 file keeps one dynamic `batch` dim.
 
-Cost of one session per pattern (measured, onnxruntime 1.32 CPU, 1 thread): a session that runs
-after another costs ~0.4-1 ms more than when called repeatedly, so on tiny models (2-3 ms a call)
-the onnxruntime speed-up stays at ~80 % of the bound; from 64x64 latents on, it meets the bound.
+Cost of one session per pattern (measured, onnxruntime 1.32 CPU): with an arena each, a session
+that ran after another cost 0.2-0.7 ms more than when called repeatedly (cold buffers), 8 % of a
+small Latte's loop; `OnnxPABRunner` gives all its sessions one arena (onnxruntime's environment
+allocator) and stops their idle threads from spinning, which brings that to ~0.
 """
 
 from __future__ import annotations
