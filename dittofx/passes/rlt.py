@@ -666,10 +666,13 @@ class RLT(Pass):
         return result
 
     def _layout(self, ctx: PassContext) -> str:
+        later = [p.name for p in getattr(ctx, "later", []) if p.changes_tokens]
+        if self.layout == "packed" and later:
+            raise PassSpecError(f"rlt layout='packed' leaves no per-clip attention for {', '.join(later)} to "
+                                f"rewrite: use layout='padded' (or 'auto', which picks it)")
         if self.layout != "auto":
             return self.layout
-        later = getattr(ctx, "later", [])
-        return "padded" if any(p.changes_tokens for p in later) else "packed"
+        return "padded" if later else "packed"
 
     @staticmethod
     def _check_site(node: fx.Node, region: set[fx.Node]) -> None:

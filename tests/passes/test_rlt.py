@@ -241,7 +241,8 @@ def videomae_tome_reference(model, clip, keep, r):
 
 
 def test_composes_with_tome(videomae):
-    tome = pytest.importorskip("dittofx.passes.tome", reason="the ToMe pass (dittofx.passes.tome) is not there yet")
+    from dittofx.passes import tome
+
     x = clips(["noise", "partial", "static"], seed=11)
     opt = dittofx.optimize(videomae.model, [RLT(), tome.ToMe(r=4)], (x,))
     notes = " ".join(opt.report.notes)
@@ -367,6 +368,11 @@ def test_vivit_class_token_head():
 
 # ---------------------------------------------------------------------------------------------
 # options, applicability, errors
+
+
+def test_packed_layout_before_a_token_pass_is_refused(videomae):
+    with pytest.raises(PassSpecError, match="layout='padded'"):
+        dittofx.optimize(videomae.model, [RLT(layout="packed"), "tome:r=2"], videomae.example_inputs)
 
 
 def test_spec_and_options():
