@@ -58,7 +58,13 @@ from dittofx.errors import PassSpecError, UnsupportedModelError
 from dittofx.passes.base import Pass, PassContext, PassResult
 from dittofx.rewriter import axes as ax
 from dittofx.rewriter.analysis import Analysis, Block, module_path
-from dittofx.rewriter.graph import copy_scope, descendants
+from dittofx.rewriter.graph import (
+    copy_scope,
+    descendants,
+    sdpa_is_causal,
+    sdpa_mask,
+    set_sdpa_mask,
+)
 from dittofx.rewriter.tokens import make_token_sizes_dynamic
 
 aten = torch.ops.aten
@@ -677,23 +683,13 @@ class RLT(Pass):
     @staticmethod
     def _check_site(node: fx.Node, region: set[fx.Node]) -> None:
         q, k, v = node.args[:3]
-        existing = node.args[3] if len(node.args) > 3 else node.kwargs.get("attn_mask")
-        causal = node.args[5] if len(node.args) > 5 else node.kwargs.get("is_causal", False)
-        if existing is not None or causal:
+        causal = sdpa_is_causal(node)
+        if sdpa_mask(node) is not None or causal:
             raise UnsupportedModelError(f"RLT cannot pack clips through attention {node.name}: it already has "
                                         f"{'a causal flag' if causal else 'a mask'}")
         if not all(n in region for n in (q, k, v) if isinstance(n, fx.Node)):
             raise UnsupportedModelError(f"RLT cannot pack clips through attention {node.name}: its keys or "
                                         f"values do not come from the video tokens")
-
-    @staticmethod
-    def _set_mask(node: fx.Node, mask: fx.Node) -> None:
-        if len(node.args) > 3:
-            args = list(node.args)
-            args[3] = mask
-            node.args = tuple(args)
-        else:
-            node.kwargs = {**node.kwargs, "attn_mask": mask}
 
     def _packed_attention(self, gm, sites, outs, amap, stream) -> None:
         """Block-diagonal attention over the packed tokens at every site."""
@@ -717,7 +713,7 @@ class RLT(Pass):
                     with graph.inserting_after(key_bias):
                         block_mask = graph.call_function(rlt_block_mask, (seg, packed))
                     copy_scope(stream, block_mask)
-                self._set_mask(node, block_mask)
+                set_sdpa_mask(node, block_mask)
 
     def _padded_attention(self, gm, sites, outs, stream) -> None:
         """One clip per row; a clip's last token and its copies count as one token: log(size) added to
@@ -730,7 +726,7 @@ class RLT(Pass):
             bias = graph.call_function(proportional_bias, (size,))
         copy_scope(stream, bias)
         for node in sites:
-            self._set_mask(node, bias)
+            set_sdpa_mask(node, bias)
 
     # -- helpers ------------------------------------------------------------------------------
 

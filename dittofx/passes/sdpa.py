@@ -12,7 +12,7 @@ from torch import fx
 
 from dittofx.passes.base import Pass, PassContext, PassResult
 from dittofx.rewriter.analysis import module_path
-from dittofx.rewriter.graph import copy_scope, remove_dead
+from dittofx.rewriter.graph import copy_scope, remove_dead, sdpa_mask, set_sdpa_mask
 
 aten = torch.ops.aten
 MATMULS = {aten.matmul.default, aten.bmm.default}
@@ -66,10 +66,6 @@ def match_attention(out: fx.Node):
     return q, k, v, scale, mask
 
 
-def attn_mask(sdpa: fx.Node):
-    return sdpa.args[3] if len(sdpa.args) > 3 else sdpa.kwargs.get("attn_mask")
-
-
 def _shape_only(node: fx.Node) -> bool:
     """True when `node` is computed from sizes and constants only, never from input values."""
     todo, seen = [node], set()
@@ -91,7 +87,7 @@ def drop_trivial_masks(gm: fx.GraphModule, flat_inputs: list) -> int:
     """Remove attention masks that hide nothing and depend only on shapes (an all-true boolean mask
     or an all-zero additive one, as transformers materialises under export). They hard-code the token
     count and cost a masked kernel for nothing."""
-    masked = {n: attn_mask(n) for n in gm.graph.nodes if n.target is aten.scaled_dot_product_attention.default}
+    masked = {n: sdpa_mask(n) for n in gm.graph.nodes if n.target is aten.scaled_dot_product_attention.default}
     masks = {m for m in masked.values() if isinstance(m, fx.Node) and _shape_only(m)}
     if not masks:
         return 0
@@ -109,10 +105,7 @@ def drop_trivial_masks(gm: fx.GraphModule, flat_inputs: list) -> int:
     trivial = {m for m, v in values.items() if (v.all() if v.dtype == torch.bool else not v.any())}
     for sdpa, m in masked.items():
         if m in trivial:
-            if len(sdpa.args) > 3:
-                sdpa.args = sdpa.args[:3] + (None,) + sdpa.args[4:]
-            else:
-                sdpa.kwargs = {**sdpa.kwargs, "attn_mask": None}
+            set_sdpa_mask(sdpa, None)
     return sum(m in trivial for m in masked.values())
 
 

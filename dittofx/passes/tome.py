@@ -40,7 +40,13 @@ from dittofx.errors import PassSpecError, UnsupportedModelError
 from dittofx.passes.base import Pass, PassContext, PassResult
 from dittofx.rewriter import axes as ax
 from dittofx.rewriter.analysis import Analysis, AttentionSite, Block
-from dittofx.rewriter.graph import copy_scope, descendants
+from dittofx.rewriter.graph import (
+    copy_scope,
+    descendants,
+    sdpa_is_causal,
+    sdpa_mask,
+    set_sdpa_mask,
+)
 from dittofx.rewriter.tokens import make_token_sizes_dynamic, token_labels
 
 aten = torch.ops.aten
@@ -263,24 +269,9 @@ def _shape(node) -> tuple[int, ...]:
     return ax.shape_of(node) or ()
 
 
-def _mask_of(sdpa: fx.Node):
-    return sdpa.args[3] if len(sdpa.args) > 3 else sdpa.kwargs.get("attn_mask")
-
-
-def _set_mask(sdpa: fx.Node, mask: fx.Node) -> None:
-    if len(sdpa.args) > 3:
-        sdpa.args = sdpa.args[:3] + (mask,) + sdpa.args[4:]
-    else:
-        sdpa.kwargs = {**sdpa.kwargs, "attn_mask": mask}
-
-
-def _is_causal(sdpa: fx.Node) -> bool:
-    return bool(sdpa.args[5] if len(sdpa.args) > 5 else sdpa.kwargs.get("is_causal", False))
-
-
 def _mask_problem(site: AttentionSite) -> str | None:
-    mask = _mask_of(site.node)
-    if _is_causal(site.node):
+    mask = sdpa_mask(site.node)
+    if sdpa_is_causal(site.node):
         return "the attention is causal"
     if isinstance(mask, fx.Node) and mask.target not in (proportional_bias, add_bias) \
             and (_shape(mask)[-1:] or (1,))[0] != 1:
@@ -530,7 +521,7 @@ class ToMe(Pass):
         tokens, size, bias, source, last = blocks[0].tokens, None, None, None, None
         # token sizes an earlier pass gave (RLT's padded clips: a clip's last token and its copies count
         # as one): its proportional bias on the first attention; continue from those sizes
-        initial = next((m for m in map(_mask_of, (s.node for s in _vit_sites(blocks[0])))
+        initial = next((m for m in map(sdpa_mask, (s.node for s in _vit_sites(blocks[0])))
                         if isinstance(m, fx.Node) and m.target is proportional_bias), None)
         if initial is not None:
             size = initial.args[0]
@@ -538,14 +529,14 @@ class ToMe(Pass):
             sites = _vit_sites(block)
             if bias is not None:
                 for site in sites:
-                    mask = _mask_of(site.node)
+                    mask = sdpa_mask(site.node)
                     if isinstance(mask, fx.Node) and mask is not initial:
                         with gm.graph.inserting_before(site.node):
                             bias_here = gm.graph.call_function(add_bias, (mask, bias))
                         copy_scope(site.node, bias_here)
                     else:
                         bias_here = bias
-                    _set_mask(site.node, bias_here)
+                    set_sdpa_mask(site.node, bias_here)
             limit = (tokens - block.prefix) // 2
             if r > limit:
                 result.note(block.name, f"r={r} clamped to {limit} (half the {tokens - block.prefix} "

@@ -54,6 +54,22 @@ def users_breadth_first(start: fx.Node, follow: Callable[[fx.Node], bool] = lamb
                     todo.append(user)
 
 
+def sdpa_mask(sdpa: fx.Node):
+    """The attn_mask argument of a scaled_dot_product_attention node (positional or keyword)."""
+    return sdpa.args[3] if len(sdpa.args) > 3 else sdpa.kwargs.get("attn_mask")
+
+
+def set_sdpa_mask(sdpa: fx.Node, mask: fx.Node) -> None:
+    if len(sdpa.args) > 3:
+        sdpa.args = sdpa.args[:3] + (mask,) + sdpa.args[4:]
+    else:
+        sdpa.kwargs = {**sdpa.kwargs, "attn_mask": mask}
+
+
+def sdpa_is_causal(sdpa: fx.Node) -> bool:
+    return bool(sdpa.args[5] if len(sdpa.args) > 5 else sdpa.kwargs.get("is_causal", False))
+
+
 def copy_scope(src: fx.Node, dst: fx.Node) -> None:
     """Give an inserted node the module scope of the node it belongs with (for reports and analysis)."""
     for key in ("nn_module_stack", "stack_trace"):
