@@ -381,17 +381,24 @@ def rlt_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, pad_idx: to
     one row per clip (B, H, M, d), M the longest clip, the pad slots hidden by an SDPA key mask.
 
     While exporting there is no mask (in onnxruntime a mask add, or a bias column on q and k, costs
-    ~45 % of the attention): v's pad rows are zeroed and v gains a column that is 1 at real keys, so
-    the last output column is the softmax mass on real keys, which divides the rest (~12 %). Exact: the
-    copies' logits equal the last real key's, so that mass is >= 1 / (M - n + 1)."""
+    ~45 % of the attention): v's pad rows are zeroed and, when some clip is padded, v gains a column
+    that is 1 at real keys, so the last output column is the softmax mass on real keys, which divides
+    the rest. Exact: the copies' logits equal the last real key's, so that mass is >= 1 / (M - n + 1).
+    The column's width (0 or 1) is a size computed at run time, so a batch with no padding (one clip,
+    nothing static) pays for neither column nor mask; the attention is written out (SDPA's shape
+    check cannot take a value width it cannot decide while tracing), as opset 18 exports SDPA anyway."""
     b, m = key_bias.shape
     qp, kp, vp = (_pad(t, pad_idx, b, m) for t in (q, k, v))
     if not torch.compiler.is_exporting():
         o = F.scaled_dot_product_attention(qp, kp, vp, attn_mask=key_bias.to(q.dtype).reshape(b, 1, 1, m), scale=scale)
         return _unpad(o, unpad_idx)
+    extra = torch.sym_min(b * m - q.shape[2], 1)  # 1 where some clip is padded, else 0
+    torch._check(extra >= 0)
+    d = vp.shape[-1]
     real = (key_bias == 0).to(vp.dtype).reshape(b, 1, m, 1).expand(b, vp.shape[1], m, 1)
-    o = _unpad(F.scaled_dot_product_attention(qp, kp, torch.cat([vp * real, real], dim=-1), scale=scale), unpad_idx)
-    return o[..., :-1] / o[..., -1:]
+    weights = ((qp @ kp.transpose(-2, -1)) * (qp.shape[-1] ** -0.5 if scale is None else scale)).softmax(dim=-1)
+    o = _unpad(weights @ torch.cat([vp * real, real[..., :extra]], dim=-1), unpad_idx)
+    return o[..., :d] / (o[..., d:].sum(dim=-1, keepdim=True) + (1 - extra))
 
 
 def rlt_block_mask(seg: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
