@@ -6,9 +6,9 @@ code calls. On a small diffusion transformer (~200 ops, 2 ms a call) that is 5-7
 it is why a rewritten graph ran behind diffusers' PAB hook there. `eager_program` copies the graph
 with each overload replaced by the C binding of the same name, which dispatches to the same kernel
 (checked once per form of call on random arguments shaped like the node's; outputs are bitwise
-equal), and with parameters and buffers read as plain attributes (the generated
-code otherwise walks nn.Module.__getattr__ down the module tree for each, ~300 lookups a call for a
-2-layer CogVideoX). The graph itself keeps its overloads for analysis, compile and export.
+equal), and with parameters and buffers read as plain attributes (the generated code otherwise
+walks nn.Module.__getattr__ down the module tree for each, ~300 lookups a call for a 2-layer
+CogVideoX). The graph itself keeps its overloads for analysis, compile and export.
 """
 
 from __future__ import annotations
@@ -52,9 +52,9 @@ def _example(value):
 
 
 def _same(a, b) -> bool:
-    la, sa = pytree.tree_flatten(a)
-    lb, sb = pytree.tree_flatten(b)
-    if sa != sb and len(la) != len(lb):
+    """Equal values, dtypes and shapes, leaf by leaf (a binding may return a named tuple: same leaves)."""
+    la, lb = pytree.tree_leaves(a), pytree.tree_leaves(b)
+    if len(la) != len(lb):
         return False
     for x, y in zip(la, lb):
         if isinstance(x, torch.Tensor) != isinstance(y, torch.Tensor):
