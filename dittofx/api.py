@@ -13,9 +13,9 @@ from dittofx.passes.base import Pass, PassContext
 from dittofx.passes.spec import REGISTRY, parse_passes
 from dittofx.report import BlockReport, Report
 from dittofx.rewriter import graph as graph_util
-from dittofx.rewriter.eager import eager_program
 from dittofx.rewriter.analysis import Analysis, analyze
 from dittofx.rewriter.capture import Capture, capture
+from dittofx.rewriter.eager import eager_program
 
 
 def optimize(model: nn.Module, passes=(), example_inputs=None, example_kwargs=None, *,
