@@ -12,6 +12,7 @@ import os
 
 from dittofx.cli.common import add_model_args, add_pass_args, load_model
 from dittofx.errors import DittoError, ExportError
+from dittofx.passes.spec import pass_name
 
 ENGINE_SUFFIXES = (".plan", ".engine", ".trt")
 
@@ -73,7 +74,7 @@ def run_export(args) -> int:
     from dittofx import progress
     from dittofx.exporters.onnx import check_output_path
 
-    pab = any(spec.split(":", 1)[0].strip() == "pab" for spec in args.passes or ())
+    pab = any(pass_name(spec) == "pab" for spec in args.passes or ())
     out = os.path.abspath(args.output) if pab else check_output_path(args.output)  # PAB: a folder (export_pab_onnx)
     fmt = args.format or ("tensorrt" if out.lower().endswith(ENGINE_SUFFIXES) else "onnx")
     if pab and (fmt == "tensorrt" or args.optimize):

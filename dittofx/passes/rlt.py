@@ -57,7 +57,7 @@ from torch._subclasses.fake_tensor import DynamicOutputShapeException, FakeTenso
 from dittofx.errors import PassSpecError, UnsupportedModelError
 from dittofx.passes.base import Pass, PassContext, PassResult
 from dittofx.rewriter import axes as ax
-from dittofx.rewriter.analysis import Analysis, Block, module_path
+from dittofx.rewriter.analysis import SDPA, Analysis, Block, module_path
 from dittofx.rewriter.graph import (
     copy_scope,
     descendants,
@@ -68,7 +68,6 @@ from dittofx.rewriter.graph import (
 from dittofx.rewriter.tokens import make_token_sizes_dynamic
 
 aten = torch.ops.aten
-SDPA = aten.scaled_dot_product_attention.default
 CONVS = (aten.conv3d.default, aten.convolution.default)
 COMPARES = ("previous", "run_start")
 LAYOUTS = ("auto", "packed", "padded")

@@ -58,13 +58,18 @@ def _value(text: str):
         return text
 
 
+def pass_name(spec: str) -> str:
+    """The registry name a spec string names: 'PAB:spatial=3' -> 'pab'."""
+    return spec.strip().partition(":")[0].strip().lower()
+
+
 def parse_pass(spec: str | Pass) -> Pass:
     if isinstance(spec, Pass):
         return spec
     if not isinstance(spec, str):
         raise PassSpecError(f"a pass must be a Pass object or a string like 'tome:r=16', not {type(spec).__name__}")
-    name, _, rest = spec.strip().partition(":")
-    cls = pass_class(name.strip().lower())
+    name, rest = pass_name(spec), spec.strip().partition(":")[2]
+    cls = pass_class(name)
     accepted = [p for p in inspect.signature(cls.__init__).parameters if p != "self"]
     kwargs = {}
     for option in _split_options(rest):

@@ -12,7 +12,7 @@ import dittofx
 from dittofx import zoo
 from dittofx.errors import PassSpecError, UnsupportedModelError
 from dittofx.passes.pab import PAB
-from dittofx.passes.spec import parse_pass
+from dittofx.passes.spec import parse_pass, pass_name
 from dittofx.runtime_pab import BroadcastState, Rule
 
 STEPS = 30
@@ -203,6 +203,7 @@ def test_defaults_and_spec_round_trip():
     assert parse_pass(q.spec()).options() == q.options()
     assert q.rule("joint") == q.rule("spatial") == Rule(3, (50.0, 900.0))
     assert q.rule("cross").window == (0.0, 1000.0) and q.rule("temporal") is None
+    assert pass_name(" PAB : spatial=3") == "pab" and isinstance(parse_pass("PAB:spatial=3"), PAB)
 
 
 @pytest.mark.parametrize("spec, words", [
