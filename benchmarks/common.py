@@ -6,7 +6,7 @@
 
 Timing on these shared, noisy machines: every callable runs once per round, rounds interleaved
 (A B A B ...) after a warm-up, and a speed-up is the median of the per-round ratios measured in one
-run, never a ratio of two separate runs. The timing itself is `dittofx.timing.interleaved`, the
+run, never a ratio of two separate runs. The timing itself is `dittofx.measure.timing.interleaved`, the
 one the CLI uses; this module adds what benchmark scripts need around it.
 """
 
@@ -22,8 +22,8 @@ import torch
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 
-from dittofx.flops import count_flops  # noqa: E402
-from dittofx.timing import Timing, interleaved  # noqa: E402
+from dittofx.measure.flops import count_flops
+from dittofx.measure.timing import Timing, interleaved
 
 __all__ = ["Timing", "interleaved", "count_flops", "print_table", "write_json", "machine", "median"]
 

@@ -46,10 +46,10 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
-from common import interleaved, machine, print_table, write_json  # noqa: E402
+from common import interleaved, machine, print_table, write_json
 
-import dittofx  # noqa: E402
-from dittofx.agreement import psnr  # noqa: E402
+import dittofx
+from dittofx.measure.agreement import psnr
 
 RANGES = dict(spatial=2, temporal=4, cross=6)
 WINDOW = (100, 800)
@@ -82,7 +82,7 @@ def cogvideox(size: int, frames: int, layers: int = 2, heads: int = 2, head_dim:
 
 
 def _randomise(model):
-    """Give zero-initialised parameters (output projections, gates) small values, as dittofx.zoo does."""
+    """Give zero-initialised parameters (output projections, gates) small values, as dittofx.models.zoo does."""
     gen = torch.Generator().manual_seed(1)
     with torch.no_grad():
         for p in model.parameters():
@@ -95,7 +95,8 @@ CONFIGS = {
     "latte-small": ("latte", lambda: latte(16, 4), "Latte 2 layers, 16x16 latents, 4 frames (64 tokens/frame)"),
     "latte-64": ("latte", lambda: latte(64, 4, head_dim=32, batch=1),
                  "Latte 2 layers, 64x64 latents, 4 frames (1024 tokens/frame), batch 1"),
-    "cogvideox-small": ("cogvideox", lambda: cogvideox(16, 3), "CogVideoX 2 layers, 16x16 latents, 3 frames (198 tokens)"),
+    "cogvideox-small": ("cogvideox", lambda: cogvideox(16, 3),
+                        "CogVideoX 2 layers, 16x16 latents, 3 frames (198 tokens)"),
     "cogvideox-64": ("cogvideox", lambda: cogvideox(64, 2, head_dim=32, batch=1),
                      "CogVideoX 2 layers, 64x64 latents, 2 frames (2054 joint tokens), batch 1"),
 }
@@ -245,7 +246,8 @@ def run_config(name, family, build, description, args, rows):
     if args.compile:
         sd_c = dittofx.optimize(model, ["sdpa"], (x,), kwargs, compile=True)
         pab_c = dittofx.optimize(model, ["pab"], (x,), kwargs, compile=True)
-        cfns = {"compiled none": make_loop(lambda x, e, t: sd_c(x, encoder_hidden_states=e, timestep=t), x, text, args.steps),
+        cfns = {"compiled none": make_loop(lambda x, e, t: sd_c(x, encoder_hidden_states=e, timestep=t), x, text,
+                                           args.steps),
                 "compiled dittofx": make_loop(lambda x, e, t: pab_c(x, encoder_hidden_states=e, timestep=t), x, text,
                                               args.steps)}
         with torch.inference_mode():
@@ -265,7 +267,7 @@ def run_config(name, family, build, description, args, rows):
 def run_onnx(name, model, opt, x, text, kwargs, bound, args, rows, eager):
     from dittofx.exporters.onnx import export_onnx
     from dittofx.exporters.onnx_pab import export_pab_onnx
-    from dittofx.runtime_pab import OnnxPABRunner
+    from dittofx.runtime.onnxruntime import OnnxPABRunner
 
     with tempfile.TemporaryDirectory() as tmp:
         start = time.perf_counter()

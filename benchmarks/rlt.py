@@ -13,7 +13,7 @@ Clips (a batch of `--batch` clips each, normalised as VideoMAE expects):
   16 frames at stride 2, short side resized to the model's size and center-cropped).
 
 Timing: the untouched model and the RLT model run interleaved (A B A B ...) after a warm-up, and the
-speed-up is the median of the per-round ratios (dittofx.timing). Eager PyTorch and onnxruntime (both
+speed-up is the median of the per-round ratios (dittofx.measure.timing). Eager PyTorch and onnxruntime (both
 models exported with dittofx.export_onnx; RLT's tokenizer is inside the ONNX, NonZero + Gather).
 The bound is the token-count ratio, all tokens / kept tokens: what the token-wise layers save; the
 target is a speed-up >= 0.9 x the bound.
@@ -32,9 +32,9 @@ import torch.nn.functional as F
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 
-import dittofx  # noqa: E402
-from dittofx.passes.rlt import RLT, keep_mask  # noqa: E402
-from dittofx.timing import interleaved  # noqa: E402
+import dittofx
+from dittofx.measure.timing import interleaved
+from dittofx.passes.rlt import RLT, keep_mask
 
 MEAN = torch.tensor([0.485, 0.456, 0.406])[:, None, None]
 STD = torch.tensor([0.229, 0.224, 0.225])[:, None, None]
@@ -169,7 +169,7 @@ def main(argv=None):
     runners = {}
     tmp = tempfile.mkdtemp(prefix="rlt-bench-")
     if not args.no_onnx:
-        from dittofx import progress
+        from dittofx.cli import progress
         from dittofx.exporters.onnx import export_onnx
         from dittofx.runtime import OnnxRuntimeRunner
 
@@ -184,7 +184,7 @@ def main(argv=None):
             runners[name] = OnnxRuntimeRunner(result.path, providers=["CPUExecutionProvider"], threads=args.threads)
             print(f"export {name}: {time.perf_counter() - start:.1f}s, max rel diff {result.max_rel_diff:.1e}, "
                   f"TensorRT: {'ready' if result.trt_report.ok else 'NOT ready'}"
-                  f"{' (' + str(len(result.trt_report.warnings)) + ' warning(s))' if result.trt_report.warnings else ''}")
+                  f"{f' ({len(result.trt_report.warnings)} warning(s))' if result.trt_report.warnings else ''}")
 
     rows = []
     for label, x, expect in sets:

@@ -32,11 +32,11 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
-from common import count_flops, interleaved, machine, print_table, write_json  # noqa: E402
+from common import count_flops, interleaved, machine, print_table, write_json
 
-import dittofx  # noqa: E402
-from dittofx.agreement import cosine, top1  # noqa: E402
-from dittofx.passes.tome import ToMe  # noqa: E402
+import dittofx
+from dittofx.measure.agreement import cosine, top1
+from dittofx.passes.tome import ToMe
 
 FULL = {"arch": "vit_base_patch16_224", "img": 224, "batch": 16, "rs": [8, 13, 16], "rounds": 5, "warmup": 1}
 QUICK = {"arch": "vit_tiny_patch16_224", "img": 224, "batch": 4, "rs": [8, 16], "rounds": 2, "warmup": 1}

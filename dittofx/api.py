@@ -2,27 +2,24 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 import torch
 from torch import fx, nn
-from torch.utils import _pytree as pytree
 
-from dittofx.errors import DittoError, UnsupportedModelError
-from dittofx.passes.base import Pass, PassContext
-from dittofx.passes.spec import REGISTRY, parse_passes
-from dittofx.report import BlockReport, Report
-from dittofx.rewriter import graph as graph_util
-from dittofx.rewriter.analysis import Analysis, analyze
+from dittofx import runtime, signature
+from dittofx.errors import DittoError
+from dittofx.passes.base import Pass
+from dittofx.passes.manager import PassManager, check_order
+from dittofx.passes.spec import parse_passes
+from dittofx.report import Report
 from dittofx.rewriter.capture import Capture, capture
-from dittofx.rewriter.eager import eager_program
 
 
 def optimize(model: nn.Module, passes=(), example_inputs=None, example_kwargs=None, *,
              dynamic_batch: bool = True, compile: bool = False) -> OptimizedModule:
     """Return `model` rewritten by `passes`, as a drop-in module with a `report`.
 
-    passes: Pass objects (`ToMe(r=16)`) or spec strings (`"tome:r=16"`), applied in order.
+    passes: Pass objects (`ToMe(r=16)`, from `dittofx.passes`) or spec strings (`"tome:r=16"`),
+        applied in order (passes/manager.py says what runs when and what is checked).
     example_inputs / example_kwargs: what forward() is called with; the batch may be any size (it is
     dynamic in the result). Left out, they are inferred where the model states its input size.
     compile: wrap the rewritten graph in `torch.compile(fullgraph=True)`.
@@ -30,6 +27,7 @@ def optimize(model: nn.Module, passes=(), example_inputs=None, example_kwargs=No
     if not isinstance(model, nn.Module):
         raise DittoError(f"optimize() takes a torch.nn.Module, not {type(model).__name__}")
     pass_list = parse_passes(passes)
+    check_order(pass_list)  # before the capture's work
     if example_inputs is None and not example_kwargs:
         from dittofx.models import example_inputs_for
 
@@ -44,27 +42,6 @@ def optimize(model: nn.Module, passes=(), example_inputs=None, example_kwargs=No
                            dynamic_batch=dynamic_batch, compile=compile)
 
 
-@dataclass
-class _Signature:
-    """What a call must look like to reuse a captured graph: same structure, constants, dtypes, and
-    shapes (the batch dim free where the graph has a dynamic batch)."""
-
-    spec: pytree.TreeSpec
-    leaves: tuple
-
-    @staticmethod
-    def of(args, kwargs, free_batch: set[int]) -> _Signature:
-        flat, spec = pytree.tree_flatten((tuple(args), dict(sorted(kwargs.items()))))
-        leaves = []
-        for i, x in enumerate(flat):
-            if isinstance(x, torch.Tensor):
-                shape = tuple(x.shape[1:]) if i in free_batch else tuple(x.shape)
-                leaves.append(("T", x.dtype, x.device.type, x.dim(), shape))
-            else:
-                leaves.append(("V", type(x), x))
-        return _Signature(spec, tuple(leaves))
-
-
 class _Variant(nn.Module):
     """One captured and rewritten graph, for one call signature."""
 
@@ -74,22 +51,18 @@ class _Variant(nn.Module):
         self.capture = cap
         self.report = report
         free = cap.batched_inputs if cap.dynamic_batch else set()
-        self.signature = _Signature.of(cap.example_inputs, cap.example_kwargs, free)
+        self.key = signature.call_key(cap.example_inputs, cap.example_kwargs, free)
         self.free_batch = free
         self.compiled = compiled
         self.build_runner()
 
     def build_runner(self) -> None:
-        """What a call runs: compiled, or an eager program (rewritten/eager.py) over the same tensors."""
-        gm = self.gm
-        make_runner = gm.meta.get("dittofx_runner")  # a pass whose state lives outside the graph (PAB)
-        if make_runner is not None:
-            self.runner = make_runner(gm, self.compiled)
-        else:
-            self.runner = torch.compile(gm, fullgraph=True) if self.compiled else eager_program(gm)
+        """What a call runs (runtime.make_runner): a stateful graph's own runner, torch.compile, or an
+        eager program over the same tensors."""
+        self.runner = runtime.make_runner(self.gm, self.compiled)
 
     def matches(self, args, kwargs) -> bool:
-        return _Signature.of(args, kwargs, self.free_batch) == self.signature
+        return signature.call_key(args, kwargs, self.free_batch) == self.key
 
     def run(self, args, kwargs):
         if isinstance(self.runner, fx.GraphModule) and (torch.compiler.is_exporting() or torch.compiler.is_compiling()):
@@ -126,11 +99,29 @@ class OptimizedModule(nn.Module):
     def graph_module(self) -> fx.GraphModule:
         return self.variants[-1].gm
 
+    @property
+    def stateful(self) -> bool:
+        """Does the rewritten graph keep state between calls (PAB's caches)? `reset()` drops it."""
+        return runtime.is_stateful(self.graph_module)
+
     def forward(self, *args, **kwargs):
+        return self._variant(args, kwargs).run(args, kwargs)
+
+    def graph_for(self, args=None, kwargs=None) -> tuple[fx.GraphModule, tuple, dict]:
+        """(rewritten graph, args, kwargs): the graph that serves `self(*args, **kwargs)`, captured now if
+        no earlier call had that form; with no arguments, the latest graph and the example it was
+        captured with. What exporters export."""
+        if args is None and not kwargs:
+            variant = self.variants[-1]
+            return variant.gm, variant.capture.example_inputs, variant.capture.example_kwargs
+        args, kwargs = tuple(args or ()), dict(kwargs or {})
+        return self._variant(args, kwargs).gm, args, kwargs
+
+    def _variant(self, args: tuple, kwargs: dict) -> _Variant:
         for variant in self.variants:
             if variant.matches(args, kwargs):
-                return variant.run(args, kwargs)
-        return self._build(args, kwargs).run(args, kwargs)
+                return variant
+        return self._build(args, kwargs)
 
     def _build(self, args: tuple, kwargs: dict) -> _Variant:
         kwargs = dict(sorted(kwargs.items()))
@@ -150,111 +141,24 @@ class OptimizedModule(nn.Module):
     def reset(self) -> None:
         """Reset the state of stateful passes (e.g. PAB's caches) in every captured graph."""
         for variant in self.variants:
-            for module in variant.gm.modules():
-                if module is not variant.gm and hasattr(module, "reset"):
-                    module.reset()
+            runtime.reset(variant.gm)
 
     def __getattr__(self, name: str):
         try:
             return super().__getattr__(name)
         except AttributeError:
             pass
-        # a value that a pass records at run time (e.g. ToMe's `tome_source`): the latest recorded
-        recorders = [m for v in self.variants for n, m in v.gm.named_children()
-                     if n == name and getattr(m, "dittofx_recorder", False)]
-        if recorders:
-            return max(recorders, key=lambda m: m.stamp).value
-        return getattr(self.__dict__["_original"], name)
+        try:  # a value that a pass records at run time (e.g. ToMe's `tome_source`): the latest recorded
+            return runtime.recorded([v.gm for v in self.variants], name)
+        except AttributeError:
+            return getattr(self.__dict__["_original"], name)
 
     def extra_repr(self) -> str:
         return f"model={type(self.original).__name__}, passes=[{', '.join(p.spec() for p in self.passes)}]"
 
 
 def rewrite(model: nn.Module, passes: list[Pass], args: tuple, kwargs: dict, *, dynamic_batch: bool = True):
-    """Capture `model` and run `passes` over the graph; returns (graph module, capture, report)."""
+    """Capture `model` and run `passes` over the graph (passes/manager.py); (graph module, capture, report)."""
     cap = capture(model, args, kwargs, dynamic_batch=dynamic_batch)
-    gm = cap.graph_module
-    analysis = analyze(gm, cap.batched_inputs)
-    if passes:
-        from dittofx.passes.sdpa import CanonicalizeAttention
-
-        if not any(isinstance(p, CanonicalizeAttention) for p in passes):
-            passes = [CanonicalizeAttention()] + list(passes)
-    report = _report(model, cap, analysis)
-    for i, p in enumerate(passes):
-        if not analysis.sites and not isinstance(p, _canonical()):
-            raise UnsupportedModelError(
-                f"{type(model).__name__} has no attention for pass {p.name!r} to rewrite: dittofx looks for "
-                f"scaled_dot_product_attention or softmax(Q @ K^T) @ V in the captured graph")
-        result = p.run(PassContext(gm, cap, analysis, model, later=list(passes[i + 1:])))
-        if result.changed:
-            graph_util.remove_dead(gm)
-            gm.recompile()
-            try:
-                graph_util.refresh_meta(gm, cap.flat_inputs())
-            except Exception as e:
-                raise DittoError(f"pass {p.spec()!r} produced a graph that does not run on the example inputs "
-                                 f"({str(e).splitlines()[0][:200]})") from e
-            analysis = analyze(gm, cap.batched_inputs)
-            report = _report(model, cap, analysis, report)
-        for block, notes in result.block_notes.items():
-            try:
-                report.block(block).actions.extend(notes)
-            except KeyError:
-                report.notes.extend(f"{block}: {n}" for n in notes)
-        report.notes.extend(result.notes)
-        report.stats.update(result.stats)
-        if not isinstance(p, _canonical()):
-            report.passes.append(p.spec())
+    gm, report = PassManager(passes).run(model, cap)
     return gm, cap, report
-
-
-def _canonical():
-    from dittofx.passes.sdpa import CanonicalizeAttention
-
-    return CanonicalizeAttention
-
-
-def _report(model: nn.Module, cap: Capture, analysis: Analysis, previous: Report | None = None) -> Report:
-    """Describe every block; `previous` carries over the actions and notes recorded so far."""
-    candidates = _known_passes()
-    blocks = []
-    for block in analysis.blocks:
-        applicable = [name for name, p in candidates if p.check(analysis, block) is None]
-        blocks.append(BlockReport(block.name, block.kinds, block.tokens, block.prefix, applicable))
-    report = Report(type(model).__name__, blocks, notes=list(cap.notes), dynamic_batch=cap.dynamic_batch,
-                    capture_seconds=cap.seconds,
-                    timestep_input=analysis.timestep_input.name if analysis.timestep_input is not None else None,
-                    patch_embedding=_patch_name(analysis))
-    if previous is not None:
-        report.notes = previous.notes
-        report.passes = previous.passes
-        report.stats = previous.stats
-        for b in report.blocks:
-            try:
-                b.actions = previous.block(b.name).actions
-            except KeyError:
-                pass
-        # a block whose attention a pass moved into a submodule (PAB) keeps its description
-        found = {b.name: b for b in report.blocks}
-        if any(b.name not in found for b in previous.blocks):
-            report.blocks = [found.pop(b.name, b) for b in previous.blocks] + list(found.values())
-    return report
-
-
-def _patch_name(analysis: Analysis) -> str | None:
-    if not analysis.patch_embeddings:
-        return None
-    conv = analysis.patch_embeddings[0]
-    from dittofx.rewriter.analysis import module_path
-
-    paths = module_path(conv)
-    return f"{paths[-1] if paths else conv.name} ({conv.target.__name__.split('.')[0]})"
-
-
-def _known_passes() -> list[tuple[str, Pass]]:
-    """A default instance of every registered user-facing pass, to say which would apply."""
-    from dittofx.passes.spec import pass_class
-
-    return [(name, pass_class(name)()) for name in REGISTRY if name != "sdpa"]
-

@@ -33,3 +33,14 @@ def first_line(e: BaseException, limit: int = 300) -> str:
     `limit` characters: what a one-line user error quotes of an underlying failure."""
     line = next((ln.strip() for ln in str(e).splitlines() if ln.strip()), type(e).__name__)
     return line if len(line) <= limit else line[: limit - 3] + "..."
+
+
+class InternalError(Exception):
+    """A bug in dittofx, not the user's input: a pass produced a graph that does not run. The message
+    names the pass and asks for a report; it is not a DittoError, so nothing mistakes it for bad input."""
+
+
+def internal_error(what: str, cause: BaseException) -> InternalError:
+    return InternalError(f"{what} ({first_line(cause)}). This is a bug in dittofx, not in your model or "
+                         f"options: please report it to the dittofx developers with the model, "
+                         "the pass list and this message")

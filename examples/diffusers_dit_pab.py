@@ -22,7 +22,7 @@ import time
 import torch
 
 import dittofx
-from dittofx.agreement import psnr
+from dittofx.measure.agreement import psnr
 
 
 def tiny_pipeline():

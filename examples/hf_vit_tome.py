@@ -21,13 +21,13 @@ import sys
 import torch
 
 import dittofx
-from dittofx.agreement import agreement
-from dittofx.timing import interleaved
+from dittofx.measure.agreement import agreement
+from dittofx.measure.timing import interleaved
 
 
 def load(args):
     if args.fast:
-        from dittofx import zoo
+        from dittofx.models import zoo
 
         z = zoo.build("hf_vit", batch=2)
         return z.model, z.example_inputs[0], None

@@ -23,8 +23,8 @@ import tempfile
 import torch
 
 import dittofx
-from dittofx import progress
-from dittofx.agreement import agreement
+from dittofx.cli import progress
+from dittofx.measure.agreement import agreement
 from dittofx.models import resolve
 
 
@@ -81,8 +81,8 @@ def run(args, work: str) -> int:
         return 0
 
     from dittofx.exporters.tensorrt import build_engine, export_tensorrt
+    from dittofx.measure.timing import interleaved
     from dittofx.runtime import TensorRTRunner
-    from dittofx.timing import interleaved
 
     engine_path = args.out or os.path.join(work, "tome.plan")
     profile = (1, batch, 4 * batch)

@@ -23,11 +23,11 @@ import tempfile
 import torch
 
 import dittofx
-from dittofx import progress
-from dittofx.agreement import agreement
+from dittofx.cli import progress
+from dittofx.measure.agreement import agreement
+from dittofx.measure.timing import interleaved
 from dittofx.models import resolve
 from dittofx.runtime import OnnxRuntimeRunner
-from dittofx.timing import interleaved
 
 
 def main(argv=None) -> int:

@@ -22,9 +22,9 @@ import sys
 import torch
 
 import dittofx
-from dittofx.agreement import agreement
 from dittofx.errors import UnsupportedModelError
-from dittofx.timing import interleaved
+from dittofx.measure.agreement import agreement
+from dittofx.measure.timing import interleaved
 
 
 def synthetic_clip(frames: int, size: int, batch: int, seed: int = 0) -> torch.Tensor:
@@ -70,7 +70,7 @@ def main(argv=None) -> int:
         p.error("give --model-dir (a local VideoMAE folder) or --fast")
 
     if args.fast:
-        from dittofx import zoo
+        from dittofx.models import zoo
 
         model = zoo.build("videomae").model
         r, rounds = 4, 2

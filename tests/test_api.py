@@ -5,8 +5,8 @@ import torch
 from torch.utils import _pytree as pytree
 
 import dittofx
-from dittofx import zoo
 from dittofx.errors import DittoError, PassSpecError
+from dittofx.models import zoo
 from dittofx.passes.sdpa import CanonicalizeAttention
 from tests.conftest import first_tensor, run
 

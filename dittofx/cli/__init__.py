@@ -1,6 +1,7 @@
 """The `dittofx` command line. Each subcommand lives in its own module with `register(subparsers)`.
 
-User errors (DittoError) print one line and exit with code 2, never a traceback.
+User errors (DittoError) print one line and exit with code 2, never a traceback; a bug in dittofx
+(InternalError: a pass broke the graph) prints one line asking for a report and exits with code 3.
 """
 
 from __future__ import annotations
@@ -9,7 +10,7 @@ import argparse
 import importlib
 import sys
 
-from dittofx.errors import DittoError
+from dittofx.errors import DittoError, InternalError
 
 # Subcommand modules, in the order `dittofx --help` lists them.
 COMMANDS = ["inspect", "export", "bench", "tune", "demo"]
@@ -41,14 +42,18 @@ def main(argv: list[str] | None = None) -> int:
         args = build_parser().parse_args(argv)
     except SystemExit as e:  # --help, --version, or a usage error already printed in one line
         return e.code
-    from dittofx import progress
+    from dittofx.cli import progress
 
     progress.set_quiet(getattr(args, "quiet", False))
     try:
-        return args.run(args) or 0
+        with progress.library_log():
+            return args.run(args) or 0
     except DittoError as e:
         print(f"dittofx: error: {e}", file=sys.stderr)
         return 2
+    except InternalError as e:
+        print(f"dittofx: internal error: {e}", file=sys.stderr)
+        return 3
     except KeyboardInterrupt:
         print("dittofx: interrupted", file=sys.stderr)
         return 130

@@ -8,7 +8,7 @@ import re
 from dittofx.errors import DittoError
 
 MODEL_HELP = ("timm:NAME | hf:DIR_OR_ID | diffusers:DIR_OR_ID[#subfolder] | FILE.py:FUNCTION | zoo:NAME "
-              "(small random-config models: see `dittofx.zoo.NAMES`)")
+              "(small random-config models: see `dittofx.models.zoo.NAMES`)")
 
 
 def shape(text: str) -> tuple[int, ...]:
@@ -37,6 +37,13 @@ def add_pass_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--pass", dest="passes", action="append", default=[], metavar="SPEC",
                         help="a pass, e.g. tome:r=16, pab:spatial=2,temporal=4,cross=6, rlt:tau=0.1 (repeatable, "
                              "applied in order)")
+
+
+def writable(path: str, flag: str) -> str:
+    """The absolute path of an output file named by `flag` (--json, --plot), checked before any work."""
+    from dittofx.exporters.files import check_output_path
+
+    return check_output_path(path, DittoError, flag)
 
 
 def load_model(args):

@@ -33,10 +33,10 @@ def register(subparsers) -> None:
 def run(args) -> int:
     import torch
 
-    from dittofx import progress
     from dittofx.api import optimize
+    from dittofx.cli import progress
+    from dittofx.measure.timing import interleaved
     from dittofx.models import resolve
-    from dittofx.timing import interleaved
 
     if args.batch < 1 or args.rounds < 1 or args.r < 0:
         raise DittoError("--batch and --rounds must be at least 1 and --r at least 0")
@@ -73,9 +73,9 @@ def run(args) -> int:
 
 
 def _onnx_runners(args, model, opt, inputs, out_dir):
-    from dittofx import progress
+    from dittofx.cli import progress
     from dittofx.exporters.onnx import export_onnx
-    from dittofx.runtime import OnnxRuntimeRunner
+    from dittofx.runtime.onnxruntime import OnnxRuntimeRunner
 
     os.makedirs(out_dir, exist_ok=True)
     runners = {}

@@ -29,11 +29,13 @@ def register(subparsers) -> None:
                    help="onnx (default) or tensorrt (default when OUT ends in .plan/.engine)")
     p.add_argument("-o", "--output", required=True, metavar="OUT",
                    help="the file to write (with --pass pab: a new folder, one ONNX per broadcast pattern)")
-    p.add_argument("--opset", type=int, default=None, help="ONNX opset, 18 (default) to 25; 23+ gives the ONNX Attention op")
+    p.add_argument("--opset", type=int, default=None,
+                   help="ONNX opset, 18 (default) to 25; 23+ gives the ONNX Attention op")
     p.add_argument("--optimize", action="store_true",
                    help="optimize the ONNX (onnxscript; plus onnxruntime's offline optimizer for --format onnx)")
     _add_precision(p)
-    p.add_argument("--rtol", type=float, default=1e-4, help="largest accepted relative difference onnxruntime vs PyTorch (default 1e-4)")
+    p.add_argument("--rtol", type=float, default=1e-4,
+                   help="largest accepted relative difference onnxruntime vs PyTorch (default 1e-4)")
     p.add_argument("--timing-cache", metavar="FILE", help="TensorRT timing cache (with --format tensorrt)")
     p.set_defaults(run=run_export)
 
@@ -57,7 +59,8 @@ def register(subparsers) -> None:
     p = subparsers.add_parser(
         "check-trt", help="report what in an ONNX file TensorRT's parser will refuse (exit 1 when anything)",
         description="Static TensorRT-readiness check of an ONNX file: opset, operators, TopK K, scatter "
-        "reductions, data-dependent shapes. Needs neither TensorRT nor a GPU. Exit 0 when ready, 1 when it found errors.",
+        "reductions, data-dependent shapes. Needs neither TensorRT nor a GPU. "
+        "Exit 0 when ready, 1 when it found errors.",
     )
     p.add_argument("onnx", metavar="MODEL.onnx")
     p.add_argument("--quiet", action="store_true", help="print nothing; only the exit code")
@@ -66,26 +69,27 @@ def register(subparsers) -> None:
 
 def _add_precision(p) -> None:
     g = p.add_mutually_exclusive_group()
-    g.add_argument("--fp16", action="store_true", help="float16 engine (TensorRT 10: builder flag; 11: the ONNX is converted)")
+    g.add_argument("--fp16", action="store_true",
+                   help="float16 engine (TensorRT 10: builder flag; 11: the ONNX is converted)")
     g.add_argument("--bf16", action="store_true", help="bfloat16 engine (TensorRT 10 only)")
 
 
 def run_export(args) -> int:
-    from dittofx import progress
-    from dittofx.exporters.onnx import check_output_path
+    from dittofx.cli import progress
+    from dittofx.exporters.files import check_output_path
 
     pab = any(pass_name(spec) == "pab" for spec in args.passes or ())
     out = os.path.abspath(args.output) if pab else check_output_path(args.output)  # PAB: a folder (export_pab_onnx)
     fmt = args.format or ("tensorrt" if out.lower().endswith(ENGINE_SUFFIXES) else "onnx")
     if pab and (fmt == "tensorrt" or args.optimize):
         raise DittoError("a PAB model exports as a folder of ONNX models, one per broadcast pattern, run by "
-                         "dittofx.runtime_pab.OnnxPABRunner: use --format onnx without --optimize, -o FOLDER")
+                         "dittofx.runtime.onnxruntime.OnnxPABRunner: use --format onnx without --optimize, -o FOLDER")
     if fmt == "onnx" and (args.fp16 or args.bf16):
         raise DittoError("--fp16/--bf16 apply to --format tensorrt (the ONNX keeps the model's precision)")
     if fmt == "onnx" and args.timing_cache:
         raise DittoError("--timing-cache applies to --format tensorrt")
     if fmt == "tensorrt":
-        from dittofx.runtime import import_tensorrt, require_cuda
+        from dittofx.runtime.tensorrt import import_tensorrt, require_cuda
 
         import_tensorrt()  # before any work: say how to install it
         require_cuda("building a TensorRT engine")
@@ -97,7 +101,8 @@ def run_export(args) -> int:
         from dittofx.api import optimize
 
         with progress.stage(f"passes: {' '.join(args.passes)}"):
-            model = optimize(model, args.passes, example_inputs=loaded.example_inputs, example_kwargs=loaded.example_kwargs)
+            model = optimize(model, args.passes, example_inputs=loaded.example_inputs,
+                             example_kwargs=loaded.example_kwargs)
 
     common = dict(opset=args.opset, optimize=args.optimize, rtol=args.rtol)
     if pab:
@@ -119,7 +124,7 @@ def run_export(args) -> int:
 
 
 def run_build_engine(args) -> int:
-    from dittofx import progress
+    from dittofx.cli import progress
     from dittofx.exporters.tensorrt import build_engine, parse_range
 
     batch = parse_range(args.batch, "--batch")

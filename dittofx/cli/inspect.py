@@ -15,8 +15,8 @@ def register(subparsers) -> None:
 
 
 def run(args) -> int:
-    from dittofx import progress
     from dittofx.api import optimize
+    from dittofx.cli import progress
 
     with progress.stage(f"load {args.model}"):
         loaded = load_model(args)

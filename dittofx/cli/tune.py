@@ -13,10 +13,10 @@ rung within the budget, and the rung above it has been measured outside it):
   searches the (r, I) schedule instead of a constant r); for diffusion models, the merge ratio of
   tomesd mode, 0.1 to 0.9.
 - rlt: tau, the largest mean absolute difference of a dropped tubelet, 0 to 1 by 0.01.
-- pab: the (spatial, temporal, cross) broadcast ranges, in the order of PAB_LADDER.
+- pab: the (spatial, temporal, cross) broadcast ranges, in the order of measure.tune.PAB_LADDER.
 
 Other options given with --pass (e.g. `--pass tome:prop_attn=False`,
-`--pass pab:timestep_window=(50,900)`) are kept. Agreement (`dittofx.agreement`): cosine (default)
+`--pass pab:timestep_window=(50,900)`) are kept. Agreement (`dittofx.measure.agreement`): cosine (default)
 or top-1 for classifiers, cosine for other encoders, PSNR of the final latent of a `--steps` denoising
 loop for diffusion models (default budget 30 dB; otherwise 0.99). Calibration inputs come from
 `--inputs`; without them random inputs are used, which makes agreement meaningless for real weights.
@@ -27,21 +27,11 @@ from __future__ import annotations
 import argparse
 import json
 import math
-from dataclasses import dataclass
 
-from dittofx.cli.bench import (
-    add_workload_args, check_common, check_writable, machine, make_setup, measure_agreement, write_atomic,
-)
-from dittofx.cli.common import add_model_args, load_model
+from dittofx.cli.bench import add_workload_args, check_common, setup_for
+from dittofx.cli.common import add_model_args, load_model, writable
 from dittofx.errors import DittoError
-
-TUNABLE = ("tome", "rlt", "pab")
-# (spatial, temporal, cross), mild to aggressive, each range >= the previous rung's (None: not broadcast)
-PAB_LADDER = [(None, None, 2), (None, 2, 3), (2, 2, 4), (2, 3, 5), (2, 4, 6), (3, 5, 8), (3, 6, 9), (4, 8, 12),
-              (6, 12, 18)]
-RLT_TAUS = [round(i * 0.01, 2) for i in range(101)]
-TOME_RATIOS = [round(i * 0.1, 1) for i in range(1, 10)]
-DEFAULT_BUDGET = {"cosine": 0.99, "top1": 0.99, "psnr": 30.0}
+from dittofx.measure.tune import DEFAULT_BUDGET, TUNABLE, check_budget, ladder, search
 
 
 def register(subparsers) -> None:
@@ -65,82 +55,15 @@ def register(subparsers) -> None:
     p.set_defaults(run=run)
 
 
-@dataclass
-class Rung:
-    label: str  # the searched value, e.g. "16", "0.05", "2/4/6"
-    spec: str
-
-
-def ladder(base, report, inflection: float | None) -> tuple[str, list[Rung]]:
-    """(what is searched, the settings from mild to aggressive) for the pass `base` on a model whose
-    capture without passes gave `report`."""
-    from dittofx.passes.spec import pass_class
-
-    cls = pass_class(base.name)
-    options = base.options()
-
-    def rung(label, **changes) -> Rung:
-        return Rung(label, cls(**{**options, **changes}).spec())
-
-    if base.name == "tome":
-        if inflection is not None and not -1 <= inflection <= 1:
-            raise DittoError(f"--inflection must be in [-1, 1], got {inflection}")
-        if report.timestep_input is not None or options.get("ratio") is not None:
-            if inflection is not None:
-                raise DittoError("--inflection applies to ToMe's r (image models); diffusion models tune the ratio")
-            options.pop("r", None)
-            return "ratio", [rung(f"{v:g}", ratio=v) for v in TOME_RATIOS]
-        options.pop("ratio", None)
-        first = report.blocks[0] if report.blocks else None
-        tokens = first.tokens if first is not None and first.tokens else 2 * 64 + 1
-        prefix = first.prefix if first is not None else 0
-        r_max = max(1, (tokens - prefix) // 2)
-        if inflection is None:
-            return "r", [rung(str(r), r=r) for r in range(1, r_max + 1)]
-        return f"r (inflection {inflection:g})", [rung(str(r), r=(r, inflection)) for r in range(1, r_max + 1)]
-    if inflection is not None:
-        raise DittoError("--inflection applies to --pass tome only")
-    if base.name == "rlt":
-        return "tau", [rung(f"{t:g}", tau=t) for t in RLT_TAUS]
-    if base.name == "pab":
-        def text(v):
-            return "-" if v is None else str(v)
-
-        return "spatial/temporal/cross", [rung("/".join(map(text, s)), spatial=s[0], temporal=s[1], cross=s[2])
-                                          for s in PAB_LADDER]
-    raise DittoError(f"tune searches {', '.join(TUNABLE)}; {base.name!r} has no setting to tune")
-
-
-def search(rungs: list[Rung], evaluate) -> tuple[int, int | None]:
-    """Binary search for the last rung within the budget, assuming agreement falls along the ladder.
-
-    `evaluate(i)` -> True when rung i is within the budget. Returns (chosen index or -1 when even the
-    first rung fails, index of the measured rung above it or None when the chosen one is the last)."""
-    lo, hi = -1, len(rungs)  # lo: known within (the untouched model), hi: known outside (past the end)
-    while hi - lo > 1:
-        mid = (lo + hi) // 2
-        if evaluate(mid):
-            lo = mid
-        else:
-            hi = mid
-    return lo, (hi if hi < len(rungs) else None)
-
-
-def check_budget(metric: str, budget: float) -> None:
-    if metric == "psnr":
-        if not budget > 1:
-            raise DittoError(f"--min-agreement {budget:g} with --metric psnr: PSNR is in dB, e.g. 30")
-    elif not 0 <= budget <= 1:
-        raise DittoError(f"--min-agreement {budget:g} with --metric {metric}: give a value in [0, 1], e.g. 0.99")
-
-
 def run(args) -> int:
-    from dittofx import progress
-    from dittofx.agreement import check_metric, default_metric
     from dittofx.api import optimize
-    from dittofx.flops import count_flops
+    from dittofx.cli import progress
+    from dittofx.exporters.files import write_atomic
+    from dittofx.measure.agreement import check_metric, default_metric
+    from dittofx.measure.bench import machine, measure_agreement
+    from dittofx.measure.flops import count_flops
+    from dittofx.measure.workload import call_module
     from dittofx.passes.spec import parse_pass
-    from dittofx.workload import call_module
 
     check_common(args)
     if args.samples < 1:
@@ -150,14 +73,14 @@ def run(args) -> int:
         raise DittoError(f"tune searches {', '.join(TUNABLE)}; {base.name!r} has no setting to tune")
     if args.metric is not None and args.min_agreement is not None:
         check_budget(args.metric, args.min_agreement)
-    json_out = check_writable(args.json_out, "--json") if args.json_out else None
+    json_out = writable(args.json_out, "--json") if args.json_out else None
 
     with progress.stage(f"load {args.model}" + (f" with {args.weights}" if args.weights else "")):
         loaded = load_model(args)
     with progress.stage("capture and analyse"):
         probe = optimize(loaded.model, [], loaded.example_inputs, loaded.example_kwargs).report
     what, rungs = ladder(base, probe, args.inflection)
-    su = make_setup(args, loaded, probe, random_samples=None if args.inputs else args.samples)
+    su = setup_for(args, loaded, probe, random_samples=None if args.inputs else args.samples)
     metric = args.metric or default_metric(su.kind)
     check_metric(metric, su.kind)
     budget = args.min_agreement if args.min_agreement is not None else DEFAULT_BUDGET[metric]

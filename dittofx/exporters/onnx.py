@@ -7,10 +7,11 @@
 What it does, in order:
 
 1. Checks that the output path can be written (ExportError, one line, before any work).
-2. Runs the module once on the example (the reference outputs) and flattens inputs and outputs:
-   nested tuples, lists, dicts, dataclasses and transformers ModelOutput / diffusers BaseOutput
-   objects become flat lists of tensors with stable names (`x`, `logits`, `hidden_states.0`,
-   `output_0`, ...). Non-tensor inputs (flags, python numbers) are baked into the graph.
+2. Runs the module once on the example (the reference outputs) and flattens inputs and outputs
+   (`dittofx.signature`): nested tuples, lists, dicts, dataclasses and transformers ModelOutput /
+   diffusers BaseOutput objects become flat lists of tensors with stable names (`x`, `logits`,
+   `hidden_states.0`, `output_0`, ...). Non-tensor inputs (flags, python numbers) are baked into
+   the graph.
 3. Captures a flat wrapper with torch.export (non-strict), with one dynamic `batch` dim shared by
    every input whose dim 0 is the batch. torch.export specialises a batch of 1, so an example of
    batch 1 is repeated to batch 2 for the capture (the check still uses the user's example). If
@@ -18,14 +19,12 @@ What it does, in order:
    with a warning.
 4. Translates to ONNX with `torch.onnx.export(exported_program, dynamo=True)`; optionally
    optimizes (onnxscript optimizer + rewriter, then onnxruntime's offline ORT_ENABLE_EXTENDED).
-5. Writes into a temporary folder next to the target, compares onnxruntime (CPU) with PyTorch on
-   the example, runs the TensorRT readiness check, and only then renames the file(s) into place.
-   Models over 2 GB are written with external data (`NAME.onnx.data` next to it). A mismatch
-   raises ExportError and leaves nothing behind.
+5. Writes into a temporary folder next to the target (`files.py`), compares onnxruntime (CPU) with
+   PyTorch on the example (`verify.py`), runs the TensorRT readiness check, and only then renames
+   the file(s) into place. Models over 2 GB are written with external data (`NAME.onnx.data` next
+   to it). A mismatch raises ExportError and leaves nothing behind.
 
-The check: for each output, max|onnx - torch| / max|torch| (the "max relative difference"); an
-output passes when max|onnx - torch| <= atol + rtol * max|torch|. The worst output's relative
-difference is returned as `max_rel_diff`.
+Progress and warnings go to `logging.getLogger("dittofx")` (the CLI shows them).
 
 Opsets (measured with torch 2.14.1, onnxscript 0.7, onnxruntime 1.32 CPU): the exporter emits
 opsets 18 to 25 (lower asks are converted by onnx's version converter, 26 fails). At 18-22,
@@ -40,29 +39,26 @@ the fused `Attention` op (TensorRT 10.15+ and 11 read it, TensorRT 10.0-10.14 do
 from __future__ import annotations
 
 import contextlib
-import dataclasses
-import inspect
 import io
 import logging
-import math
 import os
-import re
-import shutil
-import tempfile
 import warnings
-from collections.abc import Mapping
 from dataclasses import dataclass
 
-import numpy as np
 import torch
 
-from dittofx import progress
+from dittofx import signature
+from dittofx._log import log, stage
 from dittofx.errors import ExportError, first_line
+from dittofx.exporters.files import check_output_path, staging_folder
 from dittofx.exporters.trt_check import TrtReport, check_tensorrt_readiness
+from dittofx.exporters.verify import check_in_onnxruntime, compare  # noqa: F401 - compare's old home
+from dittofx.runtime import is_stateful
 
 DEFAULT_OPSET = 18
 MIN_OPSET, MAX_OPSET = 18, 25  # what torch 2.14's exporter emits without version conversion
 EXTERNAL_DATA_BYTES = 1_800_000_000  # protobuf caps a file at 2 GiB: keep a margin for the graph
+OPTIMIZE = (None, "onnxscript", "all")
 
 
 @dataclass
@@ -94,7 +90,7 @@ def export_onnx(
     *,
     opset: int | None = None,
     dynamic_batch: bool = True,
-    optimize: bool = False,
+    optimize: bool | str | None = None,
     check: bool = True,
     rtol: float = 1e-4,
     atol: float = 1e-5,
@@ -105,37 +101,31 @@ def export_onnx(
         23-25 for the ONNX `Attention` op (TensorRT 10.15+/11, onnxruntime 1.2x+; see the module
         docstring for onnxruntime's mask-shape restriction).
     dynamic_batch: make dim 0 of every input whose dim 0 equals the example's batch dynamic.
-    optimize: run onnxscript's optimizer and rewriter, then onnxruntime's offline optimizer
-        (ORT_ENABLE_EXTENDED). The result is tuned for onnxruntime and may contain com.microsoft
-        operators (FusedMatMul, SkipLayerNormalization) that TensorRT cannot parse: the TensorRT
-        report then says so. For TensorRT use export_tensorrt(optimize=True), which stops after
-        onnxscript.
-    check: compare onnxruntime (CPU) with PyTorch on the example; beyond rtol/atol (see the
-        module docstring) raise ExportError and write nothing.
+    optimize: None (default), "onnxscript" (onnxscript's optimizer and rewriter: what TensorRT
+        reads), or "all" (also onnxruntime's offline optimizer, ORT_ENABLE_EXTENDED: tuned for
+        onnxruntime, may contain com.microsoft operators such as FusedMatMul that TensorRT cannot
+        parse; the TensorRT report then says so). True means "all".
+    check: compare onnxruntime (CPU) with PyTorch on the example; beyond rtol/atol (see
+        exporters/verify.py) raise ExportError and write nothing.
 
     The module is put in eval mode for the export and restored afterwards. Returns an OnnxExport;
     `trt_report` is the TensorRT readiness report of the written file.
     """
-    return _export(
-        module, path, example_inputs, example_kwargs, opset=opset, dynamic_batch=dynamic_batch,
-        optimize="all" if optimize else None, check=check, rtol=rtol, atol=atol,
-    )
-
-
-def _export(module, path, example_inputs, example_kwargs, *, opset, dynamic_batch, optimize, check, rtol, atol) -> OnnxExport:
     path = check_output_path(path)
     opset = DEFAULT_OPSET if opset is None else int(opset)
     if not MIN_OPSET <= opset <= MAX_OPSET:
-        raise ExportError(f"opset {opset} is not supported: choose {MIN_OPSET} (default, safe for onnxruntime and TensorRT 10) to {MAX_OPSET} (23+ gives the ONNX Attention op)")
+        raise ExportError(f"opset {opset} is not supported: choose {MIN_OPSET} (default, safe for onnxruntime and "
+                          f"TensorRT 10) to {MAX_OPSET} (23+ gives the ONNX Attention op)")
+    optimize = {True: "all", False: None}.get(optimize, optimize) if isinstance(optimize, bool) else optimize
+    if optimize not in OPTIMIZE:
+        raise ExportError(f"optimize={optimize!r}: accepted None, 'onnxscript' or 'all'")
     _require_onnx()
     if isinstance(module, torch.export.ExportedProgram):
         module = module.module()
     if not isinstance(module, torch.nn.Module):
         raise ExportError(f"export_onnx needs a torch.nn.Module, got {type(module).__name__}")
-    from dittofx.runtime_pab import PyramidBroadcast
-
-    if any(isinstance(m, PyramidBroadcast) for m in module.modules()):
-        raise ExportError("the model has PAB caches, which live between calls and one ONNX model cannot hold: "
+    if is_stateful(module):
+        raise ExportError("the model keeps state between calls (PAB caches), which one ONNX model cannot hold: "
                           "export it with dittofx.exporters.onnx_pab.export_pab_onnx (one ONNX per broadcast "
                           "pattern, run by OnnxPABRunner)")
     args = example_inputs if isinstance(example_inputs, (tuple, list)) else (example_inputs,)
@@ -148,37 +138,33 @@ def _export(module, path, example_inputs, example_kwargs, *, opset, dynamic_batc
     for m in flipped:
         m.training = False
     try:
-        return _export_eval(module, path, args, kwargs, opset=opset, dynamic_batch=dynamic_batch, optimize=optimize, check=check, rtol=rtol, atol=atol)
+        return _export_eval(module, path, args, kwargs, opset=opset, dynamic_batch=dynamic_batch, optimize=optimize,
+                            check=check, rtol=rtol, atol=atol)
     finally:
         for m in flipped:
             m.training = True
 
 
 def _export_eval(module, path, args, kwargs, *, opset, dynamic_batch, optimize, check, rtol, atol) -> OnnxExport:
-    # Inputs: every tensor leaf of (args, kwargs) with a stable name.
-    in_leaves = _input_leaves(module, args, kwargs)
-    in_names = _unique([name for name, _ in in_leaves])
-    in_paths = [p for p, _ in _leaves_with_paths((args, kwargs))]
-    tensors = [t for _, t in in_leaves]
-
+    in_names = signature.input_names(module, args, kwargs)
+    tensors = [t for _, t in signature.tensor_leaves((args, kwargs))]
     with torch.no_grad():
         try:
             reference = module(*args, **kwargs)
         except Exception as e:  # noqa: BLE001 - the user's model or example is wrong
-            raise ExportError(f"the model does not run on the example inputs: {type(e).__name__}: {first_line(e)}") from None
-    out_leaves = _output_leaves(reference)
-    if not out_leaves:
+            raise ExportError(f"the model does not run on the example inputs: {type(e).__name__}: "
+                              f"{first_line(e)}") from None
+    ref_tensors = [t for _, t in signature.tensor_leaves(reference)]
+    if not ref_tensors:
         raise ExportError("the model returns no tensor: nothing to export")
-    out_names = _unique([n for n, _ in out_leaves], taken=set(in_names))
-    ref_tensors = [t for _, t in out_leaves]
-    out_paths = [p for p, _ in _leaves_with_paths(reference)]
-
-    flat = _FlatModule(module, args, kwargs, in_paths, out_paths)
+    out_names = signature.output_names(reference, taken=set(in_names))
+    flat = signature.FlatModule(module, args, kwargs, reference)
 
     # Capture with a dynamic batch where the example allows it.
-    batch_idx, batch = _batch_inputs(tensors) if dynamic_batch else ([], None)
+    batch_idx = signature.batched(tensors) if dynamic_batch else []
+    batch = signature.batch_of(tensors)
     ep, dynamic = None, False
-    with progress.stage("capture"):
+    with stage("capture"):
         if batch_idx:
             export_tensors = list(tensors)
             if batch == 1:  # torch.export specialises a batch of 1: capture at 2
@@ -190,20 +176,20 @@ def _export_eval(module, path, args, kwargs, *, opset, dynamic_batch, optimize, 
                 ep = _torch_export(flat, export_tensors, shapes)
                 dynamic = True
             except Exception as e:  # noqa: BLE001 - fall back to the example's batch
-                why = "the model fixes it (a hard-coded batch size?)" if "specialized it to be a constant" in str(e) else first_line(e)
-                progress.warn(f"the batch cannot be dynamic: {why}; exporting with a fixed batch of {batch}")
+                why = ("the model fixes it (a hard-coded batch size?)" if "specialized it to be a constant" in str(e)
+                       else first_line(e))
+                log.warning("the batch cannot be dynamic: %s; exporting with a fixed batch of %s",
+                            why, batch)
         if ep is None:
             try:
                 ep = _torch_export(flat, tensors, None)
             except Exception as e:  # noqa: BLE001
-                raise ExportError(f"torch.export could not capture the model: {type(e).__name__}: {first_line(e)}") from None
+                raise ExportError(f"torch.export could not capture the model: {type(e).__name__}: "
+                                  f"{first_line(e)}") from None
 
-    target_dir = os.path.dirname(path)
-    base = os.path.basename(path)
-    tmp_dir = tempfile.mkdtemp(prefix=f".{base}.", suffix=".tmp", dir=target_dir)
-    try:
-        tmp_path = os.path.join(tmp_dir, base)
-        with progress.stage("export ONNX"):
+    with staging_folder(path) as tmp_dir:
+        tmp_path = os.path.join(tmp_dir, os.path.basename(path))
+        with stage("export ONNX"):
             program = _translate(ep, tensors if not dynamic else None, opset, in_names, out_names)
             if dynamic:
                 _rename_batch_axis(program, batch_idx)
@@ -214,20 +200,20 @@ def _export_eval(module, path, args, kwargs, *, opset, dynamic_batch, optimize, 
                 program.save(tmp_path, external_data=external)
             del program
         if optimize == "all":
-            with progress.stage("optimize in onnxruntime"):
+            with stage("optimize in onnxruntime"):
                 _optimize_onnxruntime(tmp_path, external)
 
         max_rel = None
         if check:
-            with progress.stage("check in onnxruntime"):
-                max_rel = _check_in_onnxruntime(tmp_path, in_names, tensors, out_names, ref_tensors, rtol, atol)
-            _say(f"  onnxruntime vs PyTorch: max relative difference {max_rel:.2e} (rtol {rtol:g})")
+            with stage("check in onnxruntime"):
+                max_rel = check_in_onnxruntime(tmp_path, in_names, tensors, out_names, ref_tensors, rtol, atol)
+            log.info("  onnxruntime vs PyTorch: max relative difference %.2e (rtol %g)", max_rel, rtol)
 
-        with progress.stage("TensorRT readiness"):
+        with stage("TensorRT readiness"):
             report = check_tensorrt_readiness(tmp_path)
         report.path = path
         if not report.ok or report.warnings:
-            _say(_indent(str(report)))
+            log.info("%s", "\n".join("  " + line for line in str(report).splitlines()))
 
         import onnx
 
@@ -237,200 +223,15 @@ def _export_eval(module, path, args, kwargs, *, opset, dynamic_batch, optimize, 
         del proto
 
         # Everything checked: move the file(s) into place (the data file first).
-        data_tmp = tmp_path + ".data"
-        external = os.path.exists(data_tmp)
+        external = os.path.exists(tmp_path + ".data")
         if external:
-            os.replace(data_tmp, path + ".data")
+            os.replace(tmp_path + ".data", path + ".data")
         os.replace(tmp_path, path)
-    finally:
-        shutil.rmtree(tmp_dir, ignore_errors=True)
 
     return OnnxExport(
         path=path, opset=opset, max_rel_diff=max_rel, trt_report=report, input_names=final_in,
         output_names=final_out, dynamic_batch=dynamic, external_data=external,
     )
-
-
-# -- output path -----------------------------------------------------------------------------------
-
-
-def check_output_path(path) -> str:
-    """Return the absolute path if a file can be written there, else raise ExportError (one line)."""
-    try:
-        path = os.path.abspath(os.fspath(path))
-    except TypeError:
-        raise ExportError(f"not a file path: {path!r}") from None
-    if os.path.isdir(path):
-        raise ExportError(f"output path {path} is a directory: give a file name, e.g. {os.path.join(path, 'model.onnx')}")
-    parent = os.path.dirname(path)
-    if not os.path.exists(parent):
-        raise ExportError(f"output directory {parent} does not exist")
-    if not os.path.isdir(parent):
-        raise ExportError(f"cannot write {path}: {parent} is not a directory")
-    try:
-        fd, probe = tempfile.mkstemp(prefix=".dittofx-write-test-", dir=parent)
-        os.close(fd)
-        os.remove(probe)
-    except OSError as e:
-        raise ExportError(f"cannot write to {parent}: {e.strerror or e}") from None
-    return path
-
-
-# -- flattening ------------------------------------------------------------------------------------
-
-
-def _leaves_with_paths(obj, path=()):
-    """(path, tensor) for every tensor leaf, in a deterministic order. A path is a tuple of keys
-    (str for mappings and dataclass fields, int for sequences)."""
-    if isinstance(obj, torch.Tensor):
-        yield path, obj
-    elif isinstance(obj, Mapping):  # dict, OrderedDict, ModelOutput, BaseOutput
-        for k, v in obj.items():
-            yield from _leaves_with_paths(v, path + (str(k) if not isinstance(k, int) else k,))
-    elif dataclasses.is_dataclass(obj) and not isinstance(obj, type):
-        for f in dataclasses.fields(obj):
-            yield from _leaves_with_paths(getattr(obj, f.name), path + (f.name,))
-    elif isinstance(obj, (tuple, list)):
-        fields = getattr(obj, "_fields", None)  # namedtuple
-        for i, v in enumerate(obj):
-            yield from _leaves_with_paths(v, path + ((fields[i] if fields else i),))
-
-
-def _get(obj, path):
-    for key in path:
-        if isinstance(obj, Mapping):
-            obj = obj[key]
-        elif dataclasses.is_dataclass(obj) and not isinstance(obj, type):
-            obj = getattr(obj, key)
-        elif isinstance(key, str):  # namedtuple field
-            obj = getattr(obj, key)
-        else:
-            obj = obj[key]
-    return obj
-
-
-def _replace(obj, values: dict, path=()):
-    """Rebuild `obj` with the leaves at the given paths replaced."""
-    if path in values:
-        return values[path]
-    if isinstance(obj, torch.Tensor):
-        return obj
-    if isinstance(obj, Mapping):
-        items = {k: _replace(v, values, path + (str(k) if not isinstance(k, int) else k,)) for k, v in obj.items()}
-        try:
-            return type(obj)(items)
-        except Exception:  # noqa: BLE001 - a mapping type that cannot be built from a dict
-            return items
-    if dataclasses.is_dataclass(obj) and not isinstance(obj, type):
-        changes = {f.name: _replace(getattr(obj, f.name), values, path + (f.name,)) for f in dataclasses.fields(obj) if f.init}
-        return dataclasses.replace(obj, **changes)
-    if isinstance(obj, (tuple, list)):
-        fields = getattr(obj, "_fields", None)
-        items = [_replace(v, values, path + ((fields[i] if fields else i),)) for i, v in enumerate(obj)]
-        if fields:
-            return type(obj)(*items)
-        return type(obj)(items) if isinstance(obj, list) else tuple(items)
-    return obj
-
-
-def _path_name(path, top="output") -> str:
-    if not path:
-        return top
-    parts = [str(p) for p in path]
-    if isinstance(path[0], int):
-        parts[0] = f"{top}_{path[0]}"
-    return ".".join(parts)
-
-
-def _output_leaves(outputs):
-    return [(_path_name(p), t) for p, t in _leaves_with_paths(outputs)]
-
-
-def _input_leaves(module, args, kwargs):
-    """(name, tensor) for every tensor input, named after the forward's parameters: `x`,
-    `encoder_hidden_states`, `added_cond_kwargs.resolution`; `input_0` where no name is known."""
-    positional, var_positional = _forward_parameters(module)
-    out = []
-    for p, t in _leaves_with_paths((args, kwargs)):
-        if p[0] == 0:
-            i = p[1]
-            if i < len(positional):
-                base = positional[i]
-            elif var_positional and var_positional != "args":
-                base = f"{var_positional}_{i - len(positional)}"
-            else:
-                base = f"input_{i}"
-        else:
-            base = str(p[1])
-        out.append((_path_name(p[2:], base) if len(p) > 2 else base, t))
-    return out
-
-
-# Attributes under which wrappers keep the module they forward to (dittofx's OptimizedModule,
-# torch.compile's OptimizedModule, DataParallel-style wrappers).
-_WRAPPED_ATTRS = ("original", "_orig_mod", "module", "model")
-
-
-def _forward_parameters(module, depth: int = 0):
-    """(names of the positional parameters of forward, name of its *args or None). A wrapper whose
-    forward is (*args, **kwargs) is looked through to the module it wraps."""
-    positional, var_positional = [], None
-    try:
-        params = inspect.signature(module.forward).parameters.values()
-    except (TypeError, ValueError):
-        return positional, var_positional
-    for p in params:
-        if p.kind in (inspect.Parameter.POSITIONAL_ONLY, inspect.Parameter.POSITIONAL_OR_KEYWORD):
-            positional.append(p.name)
-        elif p.kind is inspect.Parameter.VAR_POSITIONAL:
-            var_positional = p.name
-    if not positional and var_positional and depth < 4:
-        for attr in _WRAPPED_ATTRS:
-            try:
-                inner = getattr(module, attr, None)
-            except Exception:  # noqa: BLE001 - a property that raises
-                inner = None
-            if isinstance(inner, torch.nn.Module) and inner is not module:
-                return _forward_parameters(inner, depth + 1)
-    return positional, var_positional
-
-
-def _unique(names, taken=()):
-    seen = set(taken)
-    out = []
-    for n in names:
-        cand, i = n, 1
-        while cand in seen:
-            cand = f"{n}_{i}"
-            i += 1
-        seen.add(cand)
-        out.append(cand)
-    return out
-
-
-class _FlatModule(torch.nn.Module):
-    """forward(*tensors) -> tuple of tensors: the user's module between flat inputs and outputs."""
-
-    def __init__(self, module, args, kwargs, in_paths, out_paths):
-        super().__init__()
-        self.inner = module
-        self._template = (args, kwargs)
-        self._in_paths = list(in_paths)
-        self._out_paths = list(out_paths)
-
-    def forward(self, *tensors):
-        args, kwargs = _replace(self._template, dict(zip(self._in_paths, tensors)))
-        out = self.inner(*args, **kwargs)
-        return tuple(_get(out, p) for p in self._out_paths)
-
-
-def _batch_inputs(tensors):
-    """Indices of the inputs whose dim 0 is the batch (the first tensor's dim 0), and the batch."""
-    first = next((t for t in tensors if t.dim() >= 1), None)
-    if first is None:
-        return [], None
-    batch = int(first.shape[0])
-    return [i for i, t in enumerate(tensors) if t.dim() >= 1 and int(t.shape[0]) == batch], batch
 
 
 # -- torch.export and translation ------------------------------------------------------------------
@@ -439,7 +240,8 @@ def _batch_inputs(tensors):
 @contextlib.contextmanager
 def _quiet_torch():
     """Silence torch.onnx / torch.export chatter (warnings, logging, prints) for the block."""
-    names = ["torch.onnx", "torch.export", "torch._export", "torch.fx.experimental.symbolic_shapes", "onnxscript", "torch._dynamo"]
+    names = ["torch.onnx", "torch.export", "torch._export", "torch.fx.experimental.symbolic_shapes", "onnxscript",
+             "torch._dynamo"]
     loggers = [logging.getLogger(n) for n in names]
     levels = [lg.level for lg in loggers]
     for lg in loggers:
@@ -485,7 +287,8 @@ def _translate(ep, tensors, opset, in_names, out_names):
                 input_names=in_names, output_names=out_names, verbose=False, optimize=True,
             )
         except Exception as e:  # noqa: BLE001
-            raise ExportError(f"torch.onnx could not translate the model to ONNX opset {opset}: {type(e).__name__}: {first_line(e)}") from None
+            raise ExportError(f"torch.onnx could not translate the model to ONNX opset {opset}: {type(e).__name__}: "
+                              f"{first_line(e)}") from None
     if program is None:
         raise ExportError("torch.onnx returned no program")
     return program
@@ -523,17 +326,18 @@ def _optimize_onnxscript(program) -> None:
 
 def _optimize_onnxruntime(path: str, external: bool) -> None:
     """Replace `path` by onnxruntime's offline-optimized version (ORT_ENABLE_EXTENDED)."""
-    import onnxruntime as ort
+    from dittofx.runtime.onnxruntime import import_onnxruntime
 
-    out_dir = tempfile.mkdtemp(prefix=".ort.", dir=os.path.dirname(path))
-    try:
+    ort = import_onnxruntime()
+    with staging_folder(path) as out_dir:
         out = os.path.join(out_dir, os.path.basename(path))
         so = ort.SessionOptions()
         so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_EXTENDED
         so.optimized_model_filepath = out
         so.log_severity_level = 3
         if external:
-            so.add_session_config_entry("session.optimized_model_external_initializers_file_name", os.path.basename(path) + ".data")
+            so.add_session_config_entry("session.optimized_model_external_initializers_file_name",
+                                        os.path.basename(path) + ".data")
             so.add_session_config_entry("session.optimized_model_external_initializers_min_size_in_bytes", "1024")
         try:
             ort.InferenceSession(path, so, providers=["CPUExecutionProvider"])
@@ -544,83 +348,6 @@ def _optimize_onnxruntime(path: str, external: bool) -> None:
         if os.path.exists(out + ".data"):
             os.replace(out + ".data", path + ".data")
         os.replace(out, path)
-    finally:
-        shutil.rmtree(out_dir, ignore_errors=True)
-
-
-# -- the onnxruntime check -------------------------------------------------------------------------
-
-
-def _to_numpy(t: torch.Tensor) -> np.ndarray:
-    t = t.detach().cpu()
-    if t.dtype == torch.bfloat16:
-        t = t.float()
-    return t.numpy()
-
-
-def compare(got: np.ndarray, ref) -> tuple[float, float, float]:
-    """(max relative difference, max |got - ref|, max |ref|): relative = max|a-b| / max|b|."""
-    a = np.asarray(got)
-    b = _to_numpy(ref) if isinstance(ref, torch.Tensor) else np.asarray(ref)
-    if a.shape != b.shape:
-        return math.inf, math.inf, math.nan
-    if a.size == 0:
-        return 0.0, 0.0, 0.0
-    a = a.astype(np.float64)
-    b = b.astype(np.float64)
-    nan_a, nan_b = np.isnan(a), np.isnan(b)
-    if (nan_a != nan_b).any():
-        return math.inf, math.inf, math.nan
-    same_inf = np.isinf(a) & np.isinf(b) & (np.sign(a) == np.sign(b))
-    diff = np.where(nan_a | same_inf, 0.0, np.abs(a - b))
-    finite_b = np.where(np.isfinite(b), np.abs(b), 0.0)
-    max_diff = float(diff.max())
-    scale = float(finite_b.max())
-    if max_diff == 0:
-        return 0.0, 0.0, scale
-    rel = max_diff / scale if scale > 0 else math.inf
-    return rel, max_diff, scale
-
-
-def _check_in_onnxruntime(path, in_names, tensors, out_names, ref_tensors, rtol, atol) -> float:
-    import onnxruntime as ort
-
-    so = ort.SessionOptions()
-    so.log_severity_level = 4  # failures come back as one ExportError line, not as onnxruntime's log
-    try:
-        session = ort.InferenceSession(path, so, providers=["CPUExecutionProvider"])
-    except Exception as e:  # noqa: BLE001
-        raise ExportError(f"onnxruntime cannot load the exported model: {first_line(e)}; the ONNX file was not written") from None
-    wanted = {i.name for i in session.get_inputs()}
-    feed = {n: _to_numpy(t) for n, t in zip(in_names, tensors) if n in wanted}
-    missing = wanted - set(feed)
-    if missing:
-        raise ExportError(f"the exported model wants inputs {sorted(missing)} that the example does not give")
-    names = [o.name for o in session.get_outputs()]
-    try:
-        outs = session.run(None, feed)
-    except Exception as e:  # noqa: BLE001
-        msg = _ort_message(e)
-        hint = ""
-        if "Attention" in str(e) and "attn_mask" in str(e):
-            hint = " (onnxruntime's CPU Attention op, opset 23+, needs a mask spanning the full query length: export with opset 18)"
-        raise ExportError(f"onnxruntime failed to run the exported model: {msg}{hint}; the ONNX file was not written") from None
-    got = dict(zip(names, outs))
-    worst = 0.0
-    for name, ref in zip(out_names, ref_tensors):
-        if name not in got:
-            raise ExportError(f"the exported model has no output {name!r} (it has {names})")
-        a = got[name]
-        if tuple(a.shape) != tuple(ref.shape):
-            raise ExportError(f"output {name!r} has shape {tuple(a.shape)} in onnxruntime but {tuple(ref.shape)} in PyTorch; the ONNX file was not written")
-        rel, max_diff, scale = compare(a, ref)
-        worst = max(worst, rel)
-        if not max_diff <= atol + rtol * (scale if math.isfinite(scale) else 0.0):
-            raise ExportError(
-                f"onnxruntime differs from PyTorch on output {name!r}: max relative difference {rel:.3g} "
-                f"(max |onnx - torch| {max_diff:.3g}, max |torch| {scale:.3g}) is beyond rtol {rtol:g}; the ONNX file was not written"
-            )
-    return worst
 
 
 # -- helpers ---------------------------------------------------------------------------------------
@@ -632,33 +359,3 @@ def _require_onnx() -> None:
             __import__(name)
         except ImportError:
             raise ExportError(f"{name} is not installed: pip install 'dittofx[onnx]'") from None
-
-
-def _say(text: str) -> None:
-    """Progress text on stderr (not when quiet), as is: no wrapping, no rich markup."""
-    if not progress.is_quiet():
-        progress.console().print(text, soft_wrap=True, markup=False, highlight=False)
-
-
-def _indent(text: str) -> str:
-    return "\n".join("  " + line for line in text.splitlines())
-
-
-def _ort_message(e: BaseException) -> str:
-    """onnxruntime's error without its C++ location and signature: the node and the failed check."""
-    text = " ".join(str(e).split())
-    node = re.search(r"running (\w+) node\. Name:'([^']*)'", text)
-    if "Status Message:" in text:
-        text = text.split("Status Message:", 1)[1].strip()
-        loc = re.match(r"\S+\.(?:h|cc|cpp):\d+ ", text)  # "file.h:70 Status f(signature) the check"
-        start = text.find("(") if loc else -1
-        if start >= 0:
-            depth = 0
-            for i in range(start, len(text)):
-                depth += {"(": 1, ")": -1}.get(text[i], 0)
-                if depth == 0:
-                    text = text[i + 1 :]
-                    break
-    text = text.strip()[:300]
-    return f"{node.group(1)} node {node.group(2)!r}: {text}" if node else text
-

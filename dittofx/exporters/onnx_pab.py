@@ -2,7 +2,7 @@
 
     opt = dittofx.optimize(model, ["pab"], example_inputs, example_kwargs)
     export_pab_onnx(opt, "latte_pab/", timesteps=scheduler.timesteps)
-    runner = OnnxPABRunner("latte_pab/")          # dittofx.runtime_pab
+    runner = OnnxPABRunner("latte_pab/")          # dittofx.runtime.onnxruntime
     for t in timesteps:
         out, = runner(x, encoder_hidden_states, t.expand(batch))
 
@@ -10,7 +10,7 @@ ONNX has no state, so the schedule stays outside the models: for each pattern (w
 compute on a call) the folder holds `pab_<bits>.onnx`, whose inputs are the model's inputs plus the
 cached outputs of the sites that broadcast on that call, and whose outputs are the model's outputs
 plus the fresh outputs of the sites that compute. A broadcast site's attention is not in that file.
-`manifest.json` lists the patterns, the rules and the names; `OnnxPABRunner` keeps the caches and
+`manifest.json` (runtime/manifest.py) lists the patterns, the rules and the names; `OnnxPABRunner` keeps the caches and
 picks the file per call with the same state machine as the eager graph, so a loop in onnxruntime
 gives the eager loop's outputs.
 
@@ -29,24 +29,22 @@ allocator) and stops their idle threads from spinning, which brings that to ~0.
 
 from __future__ import annotations
 
-import json
+import hashlib
 import os
-import shutil
-import tempfile
 from dataclasses import dataclass
 
 import torch
 from torch import fx
 from torch.fx import _pytree as fx_pytree
 
+from dittofx._torch_compat import graph_specs
 from dittofx.errors import ExportError
-from dittofx.runtime_pab import (BroadcastState, Rule, _cache_layout, graph_specs, pab_module, patterns, program,
-                                 site_outputs)
+from dittofx.exporters.files import check_new_folder, publish_folder, staging_folder
+from dittofx.exporters.onnx import export_onnx
+from dittofx.runtime.manifest import WEIGHTS, Manifest, Pattern
+from dittofx.runtime.pab import BroadcastState, PyramidBroadcast, Rule, cache_layout, patterns, program, site_outputs
 
-MANIFEST = "manifest.json"
-WEIGHTS = "weights.bin"  # the weights, once for all the pattern files
 SHARED_BYTES = 1024  # initializers from this size on are stored once in WEIGHTS
-FORMAT = "dittofx-pab/1"
 
 
 @dataclass
@@ -58,32 +56,21 @@ class PABExport:
 
     def __str__(self) -> str:
         diff = "not checked" if self.max_rel_diff is None else f"max relative difference {self.max_rel_diff:.2e}"
-        return f"{self.directory}: {len(self.files)} ONNX models (one per broadcast pattern); onnxruntime vs PyTorch {diff}"
+        return (f"{self.directory}: {len(self.files)} ONNX models (one per broadcast pattern); "
+                f"onnxruntime vs PyTorch {diff}")
 
 
 def pab_graph(module, example_inputs=None, example_kwargs=None) -> tuple[fx.GraphModule, tuple, dict]:
-    """The PAB graph of an OptimizedModule (the variant matching the example) and its example."""
-    from dittofx.api import OptimizedModule
-
-    if isinstance(module, OptimizedModule):
-        variants = list(module.variants)
-        if example_inputs is not None or example_kwargs:
-            args, kwargs = tuple(example_inputs or ()), dict(example_kwargs or {})
-            variant = next((v for v in variants if v.matches(args, kwargs)), None)
-            if variant is None:
-                module(*args, **kwargs)  # captures a variant for this signature
-                module.reset()
-                variant = module.variants[-1]
-        else:
-            variant = variants[-1]
-            args, kwargs = variant.capture.example_inputs, variant.capture.example_kwargs
-        gm = variant.gm
-    elif isinstance(module, fx.GraphModule):
+    """The PAB graph that serves a call of `module` (an OptimizedModule or the graph itself) and its
+    example inputs."""
+    if isinstance(module, fx.GraphModule):
         gm, args, kwargs = module, tuple(example_inputs or ()), dict(example_kwargs or {})
+    elif hasattr(module, "graph_for"):
+        gm, args, kwargs = module.graph_for(example_inputs, example_kwargs)
     else:
         raise ExportError(f"export_pab_onnx takes the result of dittofx.optimize(model, ['pab', ...]), "
                           f"not {type(module).__name__}")
-    if "pab" not in dict(gm.named_children()):
+    if not isinstance(getattr(gm, "pab", None), PyramidBroadcast):
         raise ExportError("the module has no PAB pass applied: optimize it with passes=['pab'] first")
     return gm, args, kwargs
 
@@ -100,13 +87,11 @@ def schedule_patterns(rules: list[Rule], timesteps) -> list[tuple[bool, ...]]:
     return seen
 
 
-def _share_weights(folder: str, entries: list[dict]) -> dict:
+def _share_weights(folder: str, entries: list[Pattern]) -> dict:
     """Store the weights once for all the pattern files: every initializer of at least SHARED_BYTES
     goes to WEIGHTS (one copy per distinct name and content) and the files refer to it as ONNX
     external data. Each entry gets `initializers`: {name in that file: key}; returns
     {key: [offset, length, dtype, shape]} for runners that load the weights once (OnnxPABRunner)."""
-    import hashlib
-
     import numpy as np
     import onnx
     from onnx import external_data_helper, numpy_helper
@@ -116,7 +101,7 @@ def _share_weights(folder: str, entries: list[dict]) -> dict:
     offset = 0
     with open(os.path.join(folder, WEIGHTS), "wb") as data:
         for entry in entries:
-            path = os.path.join(folder, entry["file"])
+            path = os.path.join(folder, entry.file)
             model = onnx.load(path)
             names = {}
             for tensor in model.graph.initializer:
@@ -143,7 +128,7 @@ def _share_weights(folder: str, entries: list[dict]) -> dict:
             onnx.save(model, path)
             if os.path.exists(path + ".data"):  # export_onnx's own external data (models over 2 GB)
                 os.remove(path + ".data")
-            entry["initializers"] = names
+            entry.initializers = names
     return {"file": WEIGHTS, "tensors": layout}
 
 
@@ -154,16 +139,9 @@ def export_pab_onnx(module, directory, example_inputs=None, example_kwargs=None,
     timesteps: the patterns a loop over these timesteps needs (e.g. `scheduler.timesteps`); left out,
     every pattern the rules can produce. Each file is checked against PyTorch in onnxruntime.
     """
-    from dittofx.exporters.onnx import export_onnx
-
     gm, args, kwargs = pab_graph(module, example_inputs, example_kwargs)
-    directory = os.path.abspath(os.fspath(directory))
-    if os.path.exists(directory) and (not os.path.isdir(directory) or os.listdir(directory)):
-        raise ExportError(f"{directory} exists and is not an empty folder: give a new folder for the PAB export")
-    parent = os.path.dirname(directory)
-    if not os.path.isdir(parent):
-        raise ExportError(f"output directory {parent} does not exist")
-    schedule = pab_module(gm)
+    directory = check_new_folder(directory, "PAB export")
+    schedule = gm.pab
     rules = schedule.rules
     wanted = schedule_patterns(rules, timesteps) if timesteps is not None else patterns(rules)
     in_spec, out_spec = graph_specs(gm)
@@ -176,7 +154,7 @@ def export_pab_onnx(module, directory, example_inputs=None, example_kwargs=None,
     everything = tuple(True for _ in rules)
     with torch.no_grad():
         result = program(gm, everything)(*flat)
-    _, all_outs = _cache_layout(gm, everything)
+    _, all_outs = cache_layout(gm, everything)
     batch_value = flat[schedule.batch_index] if schedule.batch_index is not None else None
     batch = batch_value.shape[0] if isinstance(batch_value, torch.Tensor) and batch_value.dim() else None
     fold, example_cache = {}, {}
@@ -186,40 +164,29 @@ def export_pab_onnx(module, directory, example_inputs=None, example_kwargs=None,
             value = value.reshape(batch, -1, *value.shape[1:])
         example_cache[key] = value
 
-    tmp = tempfile.mkdtemp(prefix=f".{os.path.basename(directory)}.", suffix=".tmp", dir=parent)
     entries, worst = [], None
-    try:
+    with staging_folder(directory) as tmp:
         for computes in wanted:
             name = "pab_" + "".join("1" if c else "0" for c in computes) + ".onnx"
-            ins, outs = _cache_layout(gm, computes)
+            ins, outs = cache_layout(gm, computes)
             prog = program(gm, computes, fold)
             example = tuple(flat) + tuple(example_cache[k] for k in ins)
             res = export_onnx(prog, os.path.join(tmp, name), example, opset=opset, dynamic_batch=dynamic_batch,
                               check=check)
             if res.max_rel_diff is not None:
                 worst = max(worst or 0.0, res.max_rel_diff)
-            entries.append({"file": name, "computes": list(computes), "inputs": res.input_names,
-                            "outputs": res.output_names, "cache_inputs": [list(k) for k in ins],
-                            "cache_outputs": [list(k) for k in outs]})
+            entries.append(Pattern(name, list(computes), res.input_names, res.output_names,
+                                   [list(k) for k in ins], [list(k) for k in outs]))
         weights = _share_weights(tmp, entries)
-        tensor_inputs = [n for n, v in zip(placeholders, flat) if isinstance(v, torch.Tensor)]
-        manifest = {
-            "format": FORMAT,
-            "inputs": tensor_inputs,
-            "timestep_input": placeholders[schedule.timestep_index],
-            "batch_input": placeholders[schedule.batch_index] if schedule.batch_index is not None else None,
-            "outputs": n_outputs,
-            "sites": [{"module": s.module, "kind": s.kind, "range": s.rule.range, "window": list(s.rule.window),
-                       "outputs": site_outputs(gm)[i]} for i, s in enumerate(schedule.sites)],
-            "patterns": entries,
-            "weights": weights,
-        }
-        with open(os.path.join(tmp, MANIFEST), "w") as f:
-            json.dump(manifest, f, indent=1)
-        if os.path.isdir(directory):
-            os.rmdir(directory)
-        os.replace(tmp, directory)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    return PABExport(directory, [e["file"] for e in entries], [tuple(e["computes"]) for e in entries], worst)
+        n_out = site_outputs(gm)
+        Manifest(
+            inputs=[n for n, v in zip(placeholders, flat) if isinstance(v, torch.Tensor)],
+            timestep_input=placeholders[schedule.timestep_index],
+            batch_input=placeholders[schedule.batch_index] if schedule.batch_index is not None else None,
+            outputs=n_outputs,
+            sites=[{"module": s.module, "kind": s.kind, "range": s.rule.range, "window": list(s.rule.window),
+                    "outputs": n_out[i]} for i, s in enumerate(schedule.sites)],
+            patterns=entries, weights=weights,
+        ).write(tmp)
+        publish_folder(tmp, directory)
+    return PABExport(directory, [e.file for e in entries], [tuple(e.computes) for e in entries], worst)

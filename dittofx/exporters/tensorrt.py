@@ -24,16 +24,15 @@ where tensorrt imports and a GPU is present, and skipped elsewhere.
 from __future__ import annotations
 
 import os
-import shutil
-import tempfile
 import time
 from dataclasses import dataclass, field
 
-from dittofx import progress
+from dittofx._log import log, stage
 from dittofx.errors import ExportError
-from dittofx.exporters.onnx import DEFAULT_OPSET, _export, check_output_path
+from dittofx.exporters.files import check_output_path, staging_folder
+from dittofx.exporters.onnx import DEFAULT_OPSET, export_onnx
 from dittofx.exporters.trt_check import TrtReport, check_tensorrt_readiness
-from dittofx.runtime import import_tensorrt, require_cuda
+from dittofx.runtime.tensorrt import import_tensorrt, require_cuda
 
 # Ops kept in float32 when converting an ONNX to float16 for a strongly typed TensorRT 11 build.
 FP16_KEEP_FP32_OPS = ["Range", "RandomUniformLike", "RandomNormalLike", "RandomUniform", "RandomNormal"]
@@ -117,20 +116,20 @@ def build_engine(
     precision = "fp16" if fp16 else "bf16" if bf16 else "fp32"
 
     report = check_tensorrt_readiness(onnx_path, trt_version=caps["version"])
-    if report.findings and not progress.is_quiet():
-        progress.console().print(str(report), soft_wrap=True, markup=False, highlight=False)
+    if report.findings:
+        log.info("%s", report)
 
-    work_dir = tempfile.mkdtemp(prefix=".dittofx-engine.", dir=os.path.dirname(engine_path))
-    try:
+    with staging_folder(engine_path) as work_dir:
         parse_path = onnx_path
         if precision != "fp32" and not caps["weak_typing"]:
             if bf16:
                 raise ExportError(
-                    f"TensorRT {caps['version']} builds strongly typed networks (no BF16 builder flag): the precision must be in the ONNX; "
-                    "export a bfloat16 model (model.to(torch.bfloat16)) or convert the ONNX with NVIDIA ModelOpt AutoCast "
-                    "(python -m modelopt.onnx.autocast --onnx_path model.onnx --low_precision_type bf16), then build without --bf16"
+                    f"TensorRT {caps['version']} builds strongly typed networks (no BF16 builder flag): "
+                    "the precision must be in the ONNX; export a bfloat16 model (model.to(torch.bfloat16)) "
+                    "or convert the ONNX with NVIDIA ModelOpt AutoCast (python -m modelopt.onnx.autocast "
+                    "--onnx_path model.onnx --low_precision_type bf16), then build without --bf16"
                 )
-            with progress.stage("convert ONNX to float16 (strongly typed TensorRT)"):
+            with stage("convert ONNX to float16 (strongly typed TensorRT)"):
                 parse_path = os.path.join(work_dir, "model_fp16.onnx")
                 convert_onnx_to_fp16(onnx_path, parse_path)
 
@@ -140,12 +139,13 @@ def build_engine(
         builder = trt.Builder(logger)
         network = builder.create_network(0)  # explicit batch is the only mode in TensorRT 10/11
         parser = trt.OnnxParser(network, logger)
-        with progress.stage("parse ONNX in TensorRT"):
+        with stage("parse ONNX in TensorRT"):
             ok = parser.parse_from_file(parse_path)
         if not ok:
             lines = [_parser_error(parser.get_error(i)) for i in range(parser.num_errors)]
             hint = "" if report.ok else f"; the readiness check found: {'; '.join(str(f) for f in report.errors)}"
-            raise ExportError(f"TensorRT's ONNX parser refused {os.path.basename(onnx_path)}:\n  " + "\n  ".join(lines or ["(no error message)"]) + hint)
+            raise ExportError(f"TensorRT's ONNX parser refused {os.path.basename(onnx_path)}:\n  "
+                              + "\n  ".join(lines or ["(no error message)"]) + hint)
 
         config = builder.create_builder_config()
         if workspace_gb is not None:
@@ -173,7 +173,7 @@ def build_engine(
             config.set_timing_cache(cache, ignore_mismatch=False)
 
         start = time.perf_counter()
-        with progress.stage(f"build TensorRT engine ({precision})"):
+        with stage(f"build TensorRT engine ({precision})"):
             serialized = builder.build_serialized_network(network, config)
         seconds = time.perf_counter() - start
         if serialized is None:
@@ -188,8 +188,6 @@ def build_engine(
                 f.write(memoryview(config.get_timing_cache().serialize()))
             os.replace(tmp_cache, timing_cache)
         os.replace(tmp_engine, engine_path)
-    finally:
-        shutil.rmtree(work_dir, ignore_errors=True)
 
     return EngineBuild(
         path=engine_path, trt_version=caps["version"], precision=precision,
@@ -221,7 +219,8 @@ def _profile_shapes(network, batch, shapes: dict) -> dict:
         if dynamic != [0] or batch is None:
             other = [j for j in dynamic if j != 0 or batch is None]
             raise ExportError(
-                f"input {inp.name!r} has dynamic dim(s) {other} (shape {dims}): give shapes={{'{inp.name}': (min, opt, max)}}"
+                f"input {inp.name!r} has dynamic dim(s) {other} (shape {dims}): "
+                f"give shapes={{'{inp.name}': (min, opt, max)}}"
                 + ("" if batch is not None else " or a batch range")
             )
         out[inp.name] = tuple((b,) + dims[1:] for b in batch)
@@ -296,10 +295,9 @@ def export_tensorrt(
     import_tensorrt()  # fail before the export work when TensorRT cannot be used
     require_cuda("building a TensorRT engine")
     opset = DEFAULT_OPSET if opset is None else opset
-    work_dir = tempfile.mkdtemp(prefix=".dittofx-onnx.", dir=os.path.dirname(path))
-    try:
+    with staging_folder(path) as work_dir:
         onnx_path = os.path.join(work_dir, "model.onnx")
-        exported = _export(
+        exported = export_onnx(
             module, onnx_path, example_inputs, example_kwargs, opset=opset, dynamic_batch=True,
             optimize="onnxscript" if optimize else None, check=check, rtol=rtol, atol=atol,
         )
@@ -310,8 +308,6 @@ def export_tensorrt(
             onnx_path, path, fp16=fp16, bf16=bf16, batch=batch if exported.dynamic_batch else None,
             shapes=shapes, timing_cache=timing_cache, workspace_gb=workspace_gb,
         )
-    finally:
-        shutil.rmtree(work_dir, ignore_errors=True)
     built.onnx = exported
     return built
 

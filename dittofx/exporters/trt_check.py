@@ -199,23 +199,36 @@ def _check_opset(opset: int, trt_version: str | None, add) -> None:
         else:
             limit, certain = 17, True  # TensorRT 8.5/8.6 read up to opset 17
         if opset > limit:
-            add(Finding("error", "opset", "", f"opset {opset} is beyond TensorRT {trt_version}, which reads up to opset {limit}: export with opset={min(limit, 18)}"))
+            add(Finding("error", "opset", "",
+                        f"opset {opset} is beyond TensorRT {trt_version}, which reads up to opset {limit}: "
+                        f"export with opset={min(limit, 18)}"))
         elif not certain and opset > MAX_OPSET_TRT10_0:
-            add(Finding("warning", "opset", "", f"opset {opset}: TensorRT 10.0 reads up to {MAX_OPSET_TRT10_0}, 10.15 up to {MAX_OPSET_TRT10_15}; TensorRT {trt_version} may not read it: opset 18 is safe"))
+            add(Finding("warning", "opset", "",
+                        f"opset {opset}: TensorRT 10.0 reads up to {MAX_OPSET_TRT10_0}, "
+                        f"10.15 up to {MAX_OPSET_TRT10_15}; TensorRT {trt_version} may not read it: opset 18 is safe"))
         return
     if opset > MAX_OPSET_TRT11:
-        add(Finding("error", "opset", "", f"opset {opset} is beyond every TensorRT release (TensorRT 11 reads up to {MAX_OPSET_TRT11}): export with opset=18"))
+        add(Finding("error", "opset", "",
+                    f"opset {opset} is beyond every TensorRT release (TensorRT 11 reads up to {MAX_OPSET_TRT11}): "
+                    "export with opset=18"))
     elif opset > MAX_OPSET_TRT10_0:
-        add(Finding("warning", "opset", "", f"opset {opset} needs a recent TensorRT (10.0 reads up to {MAX_OPSET_TRT10_0}, 10.15 up to {MAX_OPSET_TRT10_15}, 11 up to {MAX_OPSET_TRT11}): opset 18 is safe for every TensorRT 10"))
+        add(Finding("warning", "opset", "",
+                    f"opset {opset} needs a recent TensorRT (10.0 reads up to {MAX_OPSET_TRT10_0}, "
+                    f"10.15 up to {MAX_OPSET_TRT10_15}, 11 up to {MAX_OPSET_TRT11}): "
+                    "opset 18 is safe for every TensorRT 10"))
 
 
-def _check_node(node, consts: "_Constants", add) -> None:
+def _check_node(node, consts: _Constants, add) -> None:
     op, name = node.op_type, node.name
     if node.domain not in ("", "ai.onnx"):
-        add(Finding("error", f"{node.domain}.{op}", name, f"operator of domain {node.domain!r} is not an ONNX standard operator: TensorRT needs a plugin for it (was the file optimized for onnxruntime? export without --optimize for TensorRT)"))
+        add(Finding("error", f"{node.domain}.{op}", name,
+                    f"operator of domain {node.domain!r} is not an ONNX standard operator: "
+                    "TensorRT needs a plugin for it "
+                    "(was the file optimized for onnxruntime? export without --optimize for TensorRT)"))
         return
     if op not in TRT_SUPPORTED_OPS:
-        add(Finding("error", op, name, "not supported by TensorRT's ONNX parser (onnx-tensorrt operator support matrix)"))
+        add(Finding("error", op, name,
+                    "not supported by TensorRT's ONNX parser (onnx-tensorrt operator support matrix)"))
         return
     attrs = {a.name: a for a in node.attribute}
     if op == "TopK":
@@ -223,22 +236,30 @@ def _check_node(node, consts: "_Constants", add) -> None:
     elif op == "ScatterElements":
         reduction = _attr_str(attrs.get("reduction"), "none")
         if reduction != "none":
-            add(Finding("warning", op, name, f"reduction={reduction!r} is imported through TensorRT's ScatterElements plugin: call trt.init_libnvinfer_plugins(logger, '') before parsing (dittofx build-engine does)"))
+            add(Finding("warning", op, name,
+                        f"reduction={reduction!r} is imported through TensorRT's ScatterElements plugin: "
+                        "call trt.init_libnvinfer_plugins(logger, '') before parsing (dittofx build-engine does)"))
     elif op == "ScatterND":
         reduction = _attr_str(attrs.get("reduction"), "none")
         if reduction != "none":
-            add(Finding("error", op, name, f"reduction={reduction!r} is not supported by TensorRT's ScatterND importer: use ScatterElements (torch scatter_add / scatter_reduce over one axis) instead"))
+            add(Finding("error", op, name,
+                        f"reduction={reduction!r} is not supported by TensorRT's ScatterND importer: "
+                        "use ScatterElements (torch scatter_add / scatter_reduce over one axis) instead"))
     elif op in DATA_DEPENDENT_OPS:
-        add(Finding("warning", op, name, "output shape depends on the data: the TensorRT runner needs an output allocator (IOutputAllocator; dittofx.runtime.TensorRTRunner sets one)"))
+        add(Finding("warning", op, name,
+                    "output shape depends on the data: the TensorRT runner needs an output allocator "
+                    "(IOutputAllocator; dittofx.runtime.TensorRTRunner sets one)"))
     elif op == "Attention":
         for i, role in ((0, "Q"), (1, "K"), (2, "V"), (3, "attn_mask")):
             if i < len(node.input) and node.input[i]:
                 rank = consts.rank(node.input[i])
                 if rank is not None and rank != 4:
-                    add(Finding("error", op, name, f"{role} is {rank}-D; TensorRT's Attention importer needs Q, K, V and attn_mask 4-D: export at opset 18 (SDPA becomes MatMul/Softmax)"))
+                    add(Finding("error", op, name,
+                                f"{role} is {rank}-D; TensorRT's Attention importer needs Q, K, V and attn_mask 4-D: "
+                                "export at opset 18 (SDPA becomes MatMul/Softmax)"))
 
 
-def _check_topk(node, attrs, consts: "_Constants", add) -> None:
+def _check_topk(node, attrs, consts: _Constants, add) -> None:
     name = node.name
     if "sorted" in attrs and attrs["sorted"].i == 0:
         add(Finding("error", "TopK", name, "sorted=0 is not supported by TensorRT (needs sorted=1)"))
@@ -249,11 +270,14 @@ def _check_topk(node, attrs, consts: "_Constants", add) -> None:
     else:
         k = None
     if k is None:
-        add(Finding("warning", "TopK", name, f"K is computed at run time: TensorRT supports K <= {TOPK_MAX_K} only, make sure it stays below"))
+        add(Finding("warning", "TopK", name,
+                    f"K is computed at run time: TensorRT supports K <= {TOPK_MAX_K} only, make sure it stays below"))
         return
     k = int(np.asarray(k).reshape(-1)[0])
     if k > TOPK_MAX_K:
-        add(Finding("error", "TopK", name, f"K={k} is beyond TensorRT's TopK limit of {TOPK_MAX_K} (argsort/sort/topk over {k} elements): sort fewer elements, or split the sort"))
+        add(Finding("error", "TopK", name,
+                    f"K={k} is beyond TensorRT's TopK limit of {TOPK_MAX_K} (argsort/sort/topk over {k} elements): "
+                    "sort fewer elements, or split the sort"))
 
 
 def _check_outputs(graph, add) -> None:
@@ -263,7 +287,9 @@ def _check_outputs(graph, add) -> None:
             continue
         for i, d in enumerate(t.shape.dim):
             if d.HasField("dim_param") and _UNBACKED.match(d.dim_param):
-                add(Finding("warning", "output", out.name, f"dim {i} ({d.dim_param}) depends on the data: the TensorRT runner needs an output allocator (dittofx.runtime.TensorRTRunner sets one)"))
+                add(Finding("warning", "output", out.name,
+                            f"dim {i} ({d.dim_param}) depends on the data: "
+                            "the TensorRT runner needs an output allocator (dittofx.runtime.TensorRTRunner sets one)"))
                 break
 
 
@@ -377,7 +403,8 @@ class _Constants:
                 if len(ins) > 3 and ins[3] is not None and np.asarray(ins[3]).size != 1:
                     return None
                 steps = int(np.asarray(ins[4]).reshape(-1)[0]) if len(ins) > 4 and ins[4] is not None else 1
-                return np.asarray(data)[int(np.asarray(starts).reshape(-1)[0]) : int(np.asarray(ends).reshape(-1)[0]) : steps]
+                return np.asarray(data)[int(np.asarray(starts).reshape(-1)[0]) :
+                                        int(np.asarray(ends).reshape(-1)[0]) : steps]
             if op in self._ARITH:
                 a, b = np.asarray(ins[0]), np.asarray(ins[1])
                 if op == "Div" and not (np.issubdtype(a.dtype, np.integer) and np.issubdtype(b.dtype, np.integer)):
@@ -434,7 +461,7 @@ def _version_tuple(version: str | None) -> tuple[int | None, int]:
 
 def _installed_trt_version() -> str | None:
     try:
-        import tensorrt  # noqa: F401
+        import tensorrt
     except Exception:  # noqa: BLE001 - not installed (the usual case on CPU machines)
         return None
     return getattr(tensorrt, "__version__", None)

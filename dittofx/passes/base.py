@@ -1,13 +1,23 @@
-"""What a pass is: a small object over a captured GraphModule that returns what it changed.
+"""What a pass is: a small dataclass over a captured GraphModule that says where it applies and
+returns what it changed.
 
+    @dataclass(repr=False)
     class MyPass(Pass):
-        name = "mine"
+        name: ClassVar[str] = "mine"            # the spec name: "mine:strength=2"
+        strength: int = 1                       # options are the dataclass fields
+
+        def __post_init__(self): ...            # check the options: PassSpecError, one line
         def check(self, analysis, block): ...   # why the pass does not apply to a block, or None
-        def run(self, ctx): ...                  # edit ctx.gm, return PassResult
+        def run(self, ctx): ...                 # edit ctx.gm, return PassResult
+
+The fields are the pass's options: the spec parser, `spec()`, `bench --sweep` and `tune` all read
+them (`dataclasses.fields`, `dataclasses.replace`). Ordering constraints are class attributes that
+the pass manager checks before anything runs (passes/manager.py).
 """
 
 from __future__ import annotations
 
+import dataclasses
 from collections import defaultdict
 from dataclasses import dataclass, field
 from typing import ClassVar
@@ -39,9 +49,22 @@ class PassResult:
         (self.block_notes[block] if block else self.notes).append(text)
 
 
+def shown(default):
+    """An option that `spec()` writes even at its default (the figures a reader wants to see)."""
+    return field(default=default, metadata={"shown": True})
+
+
+@dataclass(repr=False)
 class Pass:
     name: ClassVar[str] = "pass"
     changes_tokens: ClassVar[bool] = False  # does it change the token count of the residual stream?
+    # ordering, checked by the pass manager before anything runs:
+    runs_before: ClassVar[tuple[str, ...]] = ()  # passes that, when given too, must come after this one
+    runs_last: ClassVar[bool] = False  # nothing may follow it (it hides the graph from later passes)
+    # applicability, as the pass manager applies it:
+    needs_attention: ClassVar[bool] = True  # refuse a model with no attention before running
+    may_apply_nowhere: ClassVar[bool] = False  # runs (and notes it) even when check() refuses every block
+    listed: ClassVar[bool] = True  # named in reports ("passes:", the passes that would apply per block)
 
     def check(self, analysis: Analysis, block: Block) -> str | None:
         """None if the pass would rewrite `block`, else one line saying why not."""
@@ -50,13 +73,23 @@ class Pass:
     def run(self, ctx: PassContext) -> PassResult:
         raise NotImplementedError
 
+    @classmethod
+    def option_names(cls) -> list[str]:
+        return [f.name for f in dataclasses.fields(cls)]
+
+    def options(self) -> dict:
+        """The options that differ from their defaults, plus those always shown."""
+        out = {}
+        for f in dataclasses.fields(self):
+            value = getattr(self, f.name)
+            if f.metadata.get("shown") or value != f.default:
+                out[f.name] = value
+        return out
+
     def spec(self) -> str:
         """The string form, e.g. "tome:r=16", that `parse_pass` turns back into this pass."""
         options = ",".join(f"{k}={v!r}".replace(" ", "") for k, v in self.options().items())
         return f"{self.name}:{options}" if options else self.name
 
-    def options(self) -> dict:
-        return {}
-
     def __repr__(self) -> str:
-        return f"{type(self).__name__}({self.spec()!r})"
+        return f"{type(self).__name__}({', '.join(f'{k}={v!r}' for k, v in self.options().items())})"

@@ -19,21 +19,22 @@ The timestep is the model's own timestep input, read at run time, so that
 `pipe.transformer = dittofx.optimize(pipe.transformer, ["pab"], ...)` works in any diffusers
 pipeline loop (windows are in the units of that input: 0-1000 for DDPM-style models; a model fed
 t / 1000 wants e.g. (0.1, 0.8)). Generations, guidance branches and caches are handled in
-`dittofx.runtime_pab`, which also runs the result compiled (`optimize(..., compile=True)`) and
-exported (`dittofx.exporters.onnx_pab`): on a broadcast step the attention is not computed in any
-of them. Put PAB last in a pass list: it moves each attention into a submodule, out of sight of
-later passes.
+`dittofx.runtime.pab` (a `StatefulModule`), which also runs the result compiled
+(`optimize(..., compile=True)`) and exported (`dittofx.exporters.onnx_pab`): on a broadcast step
+the attention is not computed in any of them. PAB runs last (the pass manager checks it): it moves
+each attention into a submodule, out of sight of later passes.
 """
 
 from __future__ import annotations
 
-from torch import fx
+from dataclasses import dataclass
+from typing import ClassVar
 
 from dittofx.errors import PassSpecError, UnsupportedModelError
-from dittofx.passes.base import Pass, PassContext, PassResult
-from dittofx.rewriter.analysis import Analysis, Block, module_path
+from dittofx.passes.base import Pass, PassContext, PassResult, shown
+from dittofx.rewriter.analysis import Analysis, Block, feed_forward, module_path
 from dittofx.rewriter.outline import OutlineError, exclusive_cone, outline
-from dittofx.runtime_pab import BroadcastSite, PyramidBroadcast, Rule, runner_factory
+from dittofx.runtime.pab import BroadcastSite, PyramidBroadcast, Rule
 
 RANGE_OF_KIND = {"spatial": "spatial", "joint": "spatial", "temporal": "temporal", "cross": "cross"}
 
@@ -55,6 +56,7 @@ def _check_window(name: str, value) -> tuple[float, float] | None:
     return tuple(value)
 
 
+@dataclass(repr=False)
 class PAB(Pass):
     """Pyramid Attention Broadcast: spatial/temporal/cross ranges inside a timestep window.
 
@@ -64,29 +66,36 @@ class PAB(Pass):
     mlp: broadcast range of each block's feed-forward output (None: not broadcast).
     """
 
-    name = "pab"
+    name: ClassVar[str] = "pab"
+    runs_last: ClassVar[bool] = True
+    may_apply_nowhere: ClassVar[bool] = True  # ranges for kinds the model lacks leave it as is, noted
 
-    def __init__(self, spatial=2, temporal=4, cross=6, timestep_window=(100, 800), spatial_window=None,
-                 temporal_window=None, cross_window=None, mlp=None):
-        for k, v in (("spatial", spatial), ("temporal", temporal), ("cross", cross), ("mlp", mlp)):
-            _check_range(k, v)
-        self.ranges = {"spatial": spatial, "temporal": temporal, "cross": cross, "mlp": mlp}
-        self.timestep_window = _check_window("timestep_window", timestep_window)
+    spatial: int | None = shown(2)
+    temporal: int | None = shown(4)
+    cross: int | None = shown(6)
+    timestep_window: tuple = shown((100, 800))
+    spatial_window: tuple | None = None
+    temporal_window: tuple | None = None
+    cross_window: tuple | None = None
+    mlp: int | None = None
+
+    def __post_init__(self):
+        for k in ("spatial", "temporal", "cross", "mlp"):
+            _check_range(k, getattr(self, k))
+        self.timestep_window = _check_window("timestep_window", self.timestep_window)
         if self.timestep_window is None:
             raise PassSpecError("pab: timestep_window must be a window (lo, hi) with 0 <= lo < hi <= 1000, got None")
-        self.own_windows = {"spatial": _check_window("spatial_window", spatial_window),
-                            "temporal": _check_window("temporal_window", temporal_window),
-                            "cross": _check_window("cross_window", cross_window), "mlp": None}
+        for k in ("spatial_window", "temporal_window", "cross_window"):
+            setattr(self, k, _check_window(k, getattr(self, k)))
 
-    def options(self) -> dict:
-        opts = {k: v for k, v in self.ranges.items() if k != "mlp"}
-        opts["timestep_window"] = self.timestep_window
-        for k, w in self.own_windows.items():
-            if w is not None:
-                opts[f"{k}_window"] = w
-        if self.ranges["mlp"] is not None:
-            opts["mlp"] = self.ranges["mlp"]
-        return opts
+    @property
+    def ranges(self) -> dict:
+        return {"spatial": self.spatial, "temporal": self.temporal, "cross": self.cross, "mlp": self.mlp}
+
+    @property
+    def own_windows(self) -> dict:
+        return {"spatial": self.spatial_window, "temporal": self.temporal_window, "cross": self.cross_window,
+                "mlp": None}
 
     def rule(self, kind: str) -> Rule | None:
         """The broadcast rule of an attention kind (or "mlp"), None where it is left untouched."""
@@ -112,7 +121,7 @@ class PAB(Pass):
             raise UnsupportedModelError(
                 f"{type(ctx.model).__name__} has no timestep input: PAB reuses attention across diffusion steps "
                 f"and needs a model whose forward takes the timestep (a tensor feeding a sinusoidal embedding)")
-        if "pab" in dict(gm.named_children()):
+        if isinstance(getattr(gm, "pab", None), PyramidBroadcast):
             raise PassSpecError("pab: the graph already has PAB applied; give the pass once")
         placeholders = [n for n in gm.graph.nodes if n.op == "placeholder"]
         t_index = placeholders.index(analysis.timestep_input)
@@ -136,12 +145,12 @@ class PAB(Pass):
                     wrapped += 1
             mlp = self.rule("mlp")
             if mlp is not None and block.mlp_residual is not None:
-                ff = _feed_forward(block)
-                if ff is None:
+                ff = feed_forward(block)
+                if ff is None or ff.module is None:
                     result.note(block.name, "pab: feed-forward module not found, MLP not broadcast")
                 else:
-                    region = {n for n in gm.graph.nodes if n.op == "call_function" and ff in module_path(n)}
-                    if self._wrap(gm, schedule, step, region, ff, "mlp", mlp, result, block.name):
+                    region = {n for n in gm.graph.nodes if n.op == "call_function" and ff.module in module_path(n)}
+                    if self._wrap(gm, schedule, step, region, ff.module, "mlp", mlp, result, block.name):
                         wrapped += 1
         if not wrapped:
             gm.graph.erase_node(step)
@@ -149,9 +158,7 @@ class PAB(Pass):
             result.note(None, "pab: no attention with a broadcast range; nothing wrapped")
             return result
         schedule.reset()
-        gm.meta["dittofx_runner"] = runner_factory  # compiled: one flat program per broadcast pattern
-        if hasattr(result, "stats"):
-            result.stats["pab"] = schedule.live  # "6 sites: 132 of 360 attention calls broadcast (37%), ..."
+        result.stats["pab"] = schedule.live  # "6 sites: 132 of 360 attention calls broadcast (37%), ..."
         result.changed = True
         return result
 
@@ -168,29 +175,3 @@ class PAB(Pass):
         lo, hi = rule.window
         result.note(block, f"pab: {module} {kind} range {rule.range} in ({lo:g}, {hi:g})")
         return True
-
-
-def _feed_forward(block: Block) -> str | None:
-    """The feed-forward module of a block: walking back from the add that closes the MLP sub-block,
-    through values computed from the residual stream (not the gates), the first child module of the
-    block met."""
-    add, stream = block.mlp_residual, block.stream
-    from_stream, todo = set(), [stream]
-    while todo:
-        for user in todo.pop().users:
-            if user not in from_stream and user is not add:
-                from_stream.add(user)
-                todo.append(user)
-    prefix = block.name + "."
-    todo = [a for a in add.args[:2] if isinstance(a, fx.Node) and a is not stream]
-    seen = set()
-    while todo:
-        n = todo.pop(0)
-        if n in seen or n.op != "call_function" or n not in from_stream:
-            continue
-        seen.add(n)
-        for path in module_path(n):
-            if path.startswith(prefix):
-                return prefix + path[len(prefix):].split(".")[0]
-        todo.extend(n.all_input_nodes)
-    return None

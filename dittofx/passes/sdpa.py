@@ -7,12 +7,15 @@ before the first matmul stays where it is, and SDPA gets scale=1).
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+from typing import ClassVar
+
 import torch
 from torch import fx
 
 from dittofx.passes.base import Pass, PassContext, PassResult
-from dittofx.rewriter.analysis import module_path
-from dittofx.rewriter.graph import copy_scope, remove_dead, sdpa_mask, set_sdpa_mask
+from dittofx.rewriter.analysis import SDPA, module_path
+from dittofx.rewriter.edit import arg, copy_scope, remove_dead, set_arg, values_at
 
 aten = torch.ops.aten
 MATMULS = {aten.matmul.default, aten.bmm.default}
@@ -87,33 +90,26 @@ def drop_trivial_masks(gm: fx.GraphModule, flat_inputs: list) -> int:
     """Remove attention masks that hide nothing and depend only on shapes (an all-true boolean mask
     or an all-zero additive one, as transformers materialises under export). They hard-code the token
     count and cost a masked kernel for nothing."""
-    masked = {n: sdpa_mask(n) for n in gm.graph.nodes if n.target is aten.scaled_dot_product_attention.default}
+    masked = {n: arg(n, "attn_mask") for n in gm.graph.nodes if n.target is SDPA}
     masks = {m for m in masked.values() if isinstance(m, fx.Node) and _shape_only(m)}
     if not masks:
         return 0
-    values = {}
-
-    class Recorder(fx.Interpreter):
-        def run_node(self, n):
-            out = super().run_node(n)
-            if n in masks:
-                values[n] = out
-            return out
-
-    with torch.no_grad():
-        Recorder(gm).run(*flat_inputs)
+    values = values_at(gm, masks, flat_inputs)
     trivial = {m for m, v in values.items() if (v.all() if v.dtype == torch.bool else not v.any())}
     for sdpa, m in masked.items():
         if m in trivial:
-            set_sdpa_mask(sdpa, None)
+            set_arg(sdpa, "attn_mask", None)
     return sum(m in trivial for m in masked.values())
 
 
+@dataclass(repr=False)
 class CanonicalizeAttention(Pass):
     """Replace softmax(Q K^T s) V by aten.scaled_dot_product_attention (exact up to rounding), and drop
-    attention masks that mask nothing."""
+    attention masks that mask nothing. The pass manager runs it first (its prologue)."""
 
-    name = "sdpa"
+    name: ClassVar[str] = "sdpa"
+    needs_attention: ClassVar[bool] = False  # it is what makes attention visible
+    listed: ClassVar[bool] = False
 
     def run(self, ctx: PassContext) -> PassResult:
         result = PassResult()
@@ -126,7 +122,7 @@ class CanonicalizeAttention(Pass):
             if mask is not None and mask.meta["val"].dtype == torch.bool:
                 continue  # a boolean mask added to logits is not what it looks like: leave it
             with graph.inserting_before(node):
-                sdpa = graph.call_function(aten.scaled_dot_product_attention.default, (q, k, v),
+                sdpa = graph.call_function(SDPA, (q, k, v),
                                            {"attn_mask": mask, "scale": scale})
             copy_scope(node, sdpa)
             node.replace_all_uses_with(sdpa)

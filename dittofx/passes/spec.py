@@ -1,14 +1,13 @@
 """Pass specs as strings: "tome:r=16", "pab:spatial=2,temporal=4,cross=6", "rlt:tau=0.1".
 
 Values are Python literals (`r=[8,8,4]`, `r=(16,-0.5)`, `timestep_window=(100,800)`, `mlp=None`);
-commas inside brackets belong to the value.
+commas inside brackets belong to the value. The accepted keys are the pass class's dataclass fields.
 """
 
 from __future__ import annotations
 
 import ast
 import importlib
-import inspect
 
 from dittofx.errors import PassSpecError
 from dittofx.passes.base import Pass
@@ -33,7 +32,7 @@ def pass_class(name: str) -> type[Pass]:
     return getattr(importlib.import_module(module), cls)
 
 
-def _split_options(text: str) -> list[str]:
+def split_options(text: str) -> list[str]:
     parts, depth, current = [], 0, ""
     for ch in text:
         depth += ch in "([{"
@@ -48,7 +47,8 @@ def _split_options(text: str) -> list[str]:
     return [p.strip() for p in parts]
 
 
-def _value(text: str):
+def value_of(text: str):
+    """An option value: a Python literal, true/false/none in any case, else the text itself."""
     lowered = text.lower()
     if lowered in ("true", "false", "none"):
         return {"true": True, "false": False, "none": None}[lowered]
@@ -70,9 +70,9 @@ def parse_pass(spec: str | Pass) -> Pass:
         raise PassSpecError(f"a pass must be a Pass object or a string like 'tome:r=16', not {type(spec).__name__}")
     name, rest = pass_name(spec), spec.strip().partition(":")[2]
     cls = pass_class(name)
-    accepted = [p for p in inspect.signature(cls.__init__).parameters if p != "self"]
+    accepted = cls.option_names()
     kwargs = {}
-    for option in _split_options(rest):
+    for option in split_options(rest):
         key, eq, value = option.partition("=")
         key = key.strip()
         if not eq or not key:
@@ -80,7 +80,7 @@ def parse_pass(spec: str | Pass) -> Pass:
                                 f"{name}: {', '.join(accepted) or 'none'}")
         if key not in accepted:
             raise PassSpecError(f"unknown option {key!r} for pass {name}; accepted: {', '.join(accepted) or 'none'}")
-        kwargs[key] = _value(value.strip())
+        kwargs[key] = value_of(value.strip())
     return cls(**kwargs)
 
 

@@ -4,6 +4,11 @@ For every `aten.scaled_dot_product_attention` node: the attention module and its
 output projection), the kind of sequence it runs over, the residual adds that close its sub-blocks,
 the token axis of the residual stream and its prefix tokens. Everything comes from the graph (data
 flow and axis provenance, see `axes.py`); module names are only used to name things for people.
+
+Below `analyze`, the structural questions passes ask of a block or a site: where its q/k/v
+projections read from (`projection_input`), the stream entering it (`stream_in`), its feed-forward
+(`feed_forward`), the patch grid its tokens are (`patch_grid`), whether the model returns every
+token (`outputs_carry`), and the tubelet embeddings of a video model with their geometry.
 """
 
 from __future__ import annotations
@@ -15,8 +20,9 @@ from dataclasses import dataclass, field
 import torch
 from torch import fx
 
+from dittofx.errors import UnsupportedModelError
 from dittofx.rewriter import axes as ax
-from dittofx.rewriter.graph import descendants, users_breadth_first
+from dittofx.rewriter.edit import ancestors, arg, descendants, users_breadth_first
 
 aten = torch.ops.aten
 SDPA = aten.scaled_dot_product_attention.default
@@ -118,10 +124,10 @@ def _ancestors(node: fx.Node, stop: int, order: dict[fx.Node, int]) -> set[fx.No
     """Nodes `node` is computed from, no earlier in the graph than position `stop`."""
     seen, todo = set(), [node]
     while todo:
-        for arg in todo.pop().all_input_nodes:
-            if arg not in seen and order[arg] >= stop:
-                seen.add(arg)
-                todo.append(arg)
+        for a in todo.pop().all_input_nodes:
+            if a not in seen and order[a] >= stop:
+                seen.add(a)
+                todo.append(a)
     return seen
 
 
@@ -243,3 +249,161 @@ def _timestep_input(gm: fx.GraphModule) -> fx.Node | None:
             if isinstance(ph.meta.get("val"), torch.Tensor) and ph.meta["val"].dim() <= 1:
                 return ph
     return None
+
+
+# ---------------------------------------------------------------------------------------------
+# structural queries
+
+
+def _shape(node) -> tuple[int, ...]:
+    return ax.shape_of(node) or ()
+
+
+# what may stand between a projection and q, k or v (head split, norms, scales, casts)
+_TO_PROJECTION = {aten.view.default, aten.reshape.default, aten._unsafe_view.default, aten.transpose.int,
+                  aten.permute.default, aten.unsqueeze.default, aten.squeeze.dim, aten.clone.default,
+                  aten.contiguous.default, aten.to.dtype, aten._to_copy.default, aten.select.int,
+                  aten.unbind.int, aten.slice.Tensor, aten.split.Tensor, aten.split_with_sizes.default,
+                  aten.chunk.default, aten.layer_norm.default, aten.rms_norm.default, aten.mul.Tensor,
+                  aten.mul.Scalar, aten.div.Tensor, operator.getitem}
+
+
+def linear_input(node: fx.Node) -> fx.Node:
+    """What a linear / matmul node multiplies (addmm's input is its second argument)."""
+    return node.args[1] if node.target is aten.addmm.default else node.args[0]
+
+
+def projection_input(node: fx.Node) -> fx.Node | None:
+    """Walk back from q, k or v to its linear projection; that projection's input."""
+    for _ in range(32):
+        if node.target in PROJECTIONS:
+            return linear_input(node)
+        if node.target not in _TO_PROJECTION or not node.args or not isinstance(node.args[0], fx.Node):
+            return None
+        node = node.args[0]
+    return None
+
+
+def stream_in(site: AttentionSite) -> fx.Node | None:
+    """The operand of the site's residual add that does not come from the attention: the tokens
+    entering the sub-block."""
+    if site.residual is None:
+        return None
+    from_attention = descendants(site.node) | {site.node}
+    others = [a for a in site.residual.args[:2] if isinstance(a, fx.Node) and a not in from_attention]
+    return others[0] if len(others) == 1 else None
+
+
+@dataclass
+class FeedForward:
+    """The feed-forward sub-block that `block.mlp_residual` closes."""
+
+    module: str | None  # the block's child module computing it (None: not in a child module)
+    input: fx.Node | None  # what its first linear reads (None: not found as linears)
+    output: fx.Node | None  # its last linear
+    body: set[fx.Node] = field(default_factory=set)  # the nodes from the stream to `output`
+
+
+_GATES = {aten.mul.Tensor, aten.dropout.default, aten.div.Tensor, aten.to.dtype, aten.clone.default}
+
+
+def feed_forward(block: Block) -> FeedForward | None:
+    stream, res = block.stream, block.mlp_residual
+    if stream is None or res is None:
+        return None
+    found = FeedForward(_feed_forward_module(block), None, None)
+    branch = [a for a in res.args[:2] if isinstance(a, fx.Node) and a is not stream]
+    out = branch[0] if len(branch) == 1 else None
+    for _ in range(8):  # back through gates, dropouts, casts to the last linear
+        if out is None or out.target in PROJECTIONS:
+            break
+        inputs = [a for a in out.args if isinstance(a, fx.Node) and _shape(a) == _shape(out)]
+        out = inputs[0] if out.target in _GATES and inputs else None
+    if out is not None and out.target in PROJECTIONS:
+        body = ancestors(out, stop=lambda n: n is stream) & descendants(stream)
+        order = {n: i for i, n in enumerate(stream.graph.nodes)}
+        first = min((n for n in body if n.target in PROJECTIONS), key=order.__getitem__)
+        found.input, found.output, found.body = linear_input(first), out, body
+    return found if found.module is not None or found.output is not None else None
+
+
+def _feed_forward_module(block: Block) -> str | None:
+    """Walking back from the add that closes the MLP sub-block, through values computed from the
+    residual stream (not the gates), the first child module of the block met."""
+    add, stream = block.mlp_residual, block.stream
+    from_stream = descendants(stream) - descendants(add) - {add}
+    prefix = block.name + "."
+    todo = [a for a in add.args[:2] if isinstance(a, fx.Node) and a is not stream]
+    seen = set()
+    while todo:
+        n = todo.pop(0)
+        if n in seen or n.op != "call_function" or n not in from_stream:
+            continue
+        seen.add(n)
+        for path in module_path(n):
+            if path.startswith(prefix):
+                return prefix + path[len(prefix):].split(".")[0]
+        todo.extend(n.all_input_nodes)
+    return None
+
+
+def patch_grid(site: AttentionSite) -> tuple[int, int] | None:
+    """(rows, columns) when the site's tokens are exactly a patch grid, row-major, no other tokens."""
+    labels = {lab.kind: lab.size for lab in site.seq_axis.labels if lab.kind != "batch"}
+    if set(labels) != {"grid_h", "grid_w"} or site.seq_axis.prefix:
+        return None
+    h, w = labels["grid_h"], labels["grid_w"]
+    return (h, w) if h * w == site.tokens else None
+
+
+_RESHAPES = (aten.view.default, aten.reshape.default, aten._unsafe_view.default, aten.unflatten.int)
+
+
+def outputs_carry(analysis: Analysis, labels: frozenset) -> bool:
+    """Does the model return every token: a graph output keeps the token axis, or the tokens are
+    reshaped back into a grid (a DiT's unpatchify, a video model's frames)?"""
+    if not analysis.blocks or not labels:
+        return False
+    graph = analysis.blocks[0].sites[0].node.graph
+    outputs = []
+    for out in graph.find_nodes(op="output"):
+        fx.node.map_arg(out.args, outputs.append)
+    if any(labels & set(a.labels) for node in outputs for a in analysis.axes[node]):
+        return True
+    return any(sum(bool(labels & set(a.labels)) for a in analysis.axes[n]) > 1
+               for n in graph.nodes if n.target in _RESHAPES)
+
+
+def tubelet_embeddings(analysis: Analysis) -> list[fx.Node]:
+    """The patch embeddings that cut a video into tubelets: over 3 axes (T, H, W), a 5-D output."""
+    return [c for c in analysis.patch_embeddings if c.meta.get("val") is not None and c.meta["val"].dim() == 5]
+
+
+def _ints(v, n: int) -> tuple[int, ...]:
+    if isinstance(v, int):
+        return (v,) * n
+    v = tuple(v)
+    return v * n if len(v) == 1 else v
+
+
+def tubelet_geometry(conv: fx.Node) -> tuple[int, int, int]:
+    """The tubelet (frames, height, width) of a Conv3d patch embedding; UnsupportedModelError where its
+    tubelets overlap or do not tile the video."""
+    kernel = tuple(_shape(conv.args[1])[2:])
+    if conv.target is aten.convolution.default and arg(conv, "transposed"):
+        raise UnsupportedModelError("a transposed Conv3d is not a tubelet embedding: tubelets need a forward Conv3d")
+    stride = _ints(arg(conv, "stride") or 1, 3)
+    padding = _ints(arg(conv, "padding") or 0, 3)
+    dilation = _ints(arg(conv, "dilation") or 1, 3)
+    groups = arg(conv, "groups") or 1
+    if stride != kernel or any(padding) or dilation != (1, 1, 1) or groups != 1:
+        raise UnsupportedModelError(
+            f"the tubelets overlap: the Conv3d patch embedding has kernel {kernel}, stride "
+            f"{stride}, padding {padding}, dilation {dilation}; accepted: stride = kernel, no padding")
+    dims = _shape(conv.args[0])[2:]
+    if any(d % k for d, k in zip(dims, kernel)):
+        raise UnsupportedModelError(
+            f"video of {dims[0]} frames of {dims[1]}x{dims[2]} is not divisible into tubelets of "
+            f"{kernel[0]}x{kernel[1]}x{kernel[2]} (frames x height x width): use a frame count and size "
+            f"that are multiples of the tubelet")
+    return kernel

@@ -78,11 +78,12 @@ def shape_of(node) -> tuple[int, ...] | None:
     """Concrete sizes of a node's value (symbolic sizes by their example value)."""
     val = node.meta.get("val") if isinstance(node, fx.Node) else None
     if isinstance(val, torch.Tensor):
-        return tuple(_hint(s) for s in val.shape)
+        return tuple(size_hint(s) for s in val.shape)
     return None
 
 
-def _hint(size) -> int:
+def size_hint(size) -> int:
+    """A size as an int: a symbolic size by its example value."""
     if isinstance(size, torch.SymInt):
         return size.node.hint if size.node.has_hint() else size.node.shape_env.size_hint(size.node.expr)
     return int(size)
@@ -95,7 +96,7 @@ def int_value(x) -> int | None:
     if isinstance(x, fx.Node):
         val = x.meta.get("val")
         if isinstance(val, (int, torch.SymInt)):
-            return _hint(val)
+            return size_hint(val)
     return None
 
 
@@ -243,7 +244,7 @@ def propagate(gm: fx.GraphModule, batched_inputs: set[int] | None = None) -> Axi
         elif node.op == "call_function":
             try:
                 value = _rule(node, amap)
-            except Exception:  # an op used in a way the rules do not know: no labels, never a crash
+            except Exception:  # noqa: BLE001 - an op used in a way the rules do not know: no labels, never a crash
                 value = None
             if value is None:
                 value = _fallback(node, amap)
@@ -362,7 +363,7 @@ def _rule(node: fx.Node, amap: AxisMap):
         for v in val:
             ax = a0[d]
             pieces.append(a0[:d] + (Axis(ax.labels, max(0, ax.prefix - offset)),) + a0[d + 1:])
-            offset += _hint(v.shape[d])
+            offset += size_hint(v.shape[d])
         return pieces
     if target in (aten.sum.dim_IntList, aten.amax.default, aten.mean.dim, aten.var.correction):
         return _reduce(node, amap)

@@ -12,6 +12,7 @@ import torch
 from torch import fx
 from torch.utils import _pytree as pytree
 
+from dittofx import signature
 from dittofx.errors import CaptureError, first_line
 
 
@@ -26,37 +27,16 @@ class Capture:
     notes: list[str] = field(default_factory=list)
 
     def flat_inputs(self) -> list:
-        return pytree.tree_leaves((self.example_inputs, self.example_kwargs))
-
-
-def _tensor_leaves(args, kwargs) -> list:
-    return [x for x in pytree.tree_leaves((args, kwargs)) if isinstance(x, torch.Tensor)]
-
-
-def _batch_size(args, kwargs) -> int | None:
-    for t in _tensor_leaves(args, kwargs):
-        if t.dim() >= 1:
-            return t.shape[0]
-    return None
+        return [v for _, v in signature.leaves((self.example_inputs, self.example_kwargs))]
 
 
 def _export_batch(args, kwargs, batch: int) -> int:
     """A batch size of at least 2 (1 specialises) that no other input dim equals (no accidental guard)."""
-    other = {s for t in _tensor_leaves(args, kwargs) for s in t.shape[1:]}
+    other = {s for _, t in signature.tensor_leaves((args, kwargs)) for s in t.shape[1:]}
     b = max(batch, 2)
     while b in other:
         b += 1
     return b
-
-
-def _resize_batch(tree, batch: int, new: int):
-    def resize(x):
-        if isinstance(x, torch.Tensor) and x.dim() >= 1 and x.shape[0] == batch:
-            reps = -(-new // batch)
-            return x.repeat(reps, *([1] * (x.dim() - 1)))[:new].clone()
-        return x
-
-    return pytree.tree_map(resize, tree)
 
 
 def capture(model: torch.nn.Module, example_inputs=(), example_kwargs=None, dynamic_batch: bool = True) -> Capture:
@@ -66,15 +46,15 @@ def capture(model: torch.nn.Module, example_inputs=(), example_kwargs=None, dyna
     """
     args = tuple(example_inputs) if isinstance(example_inputs, (tuple, list)) else (example_inputs,)
     kwargs = dict(example_kwargs or {})
-    batch = _batch_size(args, kwargs)
+    flat = [v for _, v in signature.leaves((args, kwargs))]
+    batch = signature.batch_of(flat)
     start = time.perf_counter()
     notes = []
     exported = None
-    batched: set[int] = set()
     if dynamic_batch and batch is not None:
         b = _export_batch(args, kwargs, batch)
         if b != batch:
-            args, kwargs = _resize_batch((args, kwargs), batch, b)
+            args, kwargs = signature.resize_batch((args, kwargs), batch, b)
         spec = pytree.tree_map(
             lambda x: {0: torch.export.Dim.AUTO} if isinstance(x, torch.Tensor) and x.dim() >= 1 and x.shape[0] == b
             else None, (args, kwargs))
@@ -87,14 +67,11 @@ def capture(model: torch.nn.Module, example_inputs=(), example_kwargs=None, dyna
     if exported is None:
         exported = _export(model, args, kwargs, dynamic_shapes=None)
     gm = exported.module()
-    flat = pytree.tree_leaves((args, kwargs))
+    flat = [v for _, v in signature.leaves((args, kwargs))]
     placeholders = [n for n in gm.graph.nodes if n.op == "placeholder"]
-    dynamic = False
-    for i, (leaf, ph) in enumerate(zip(flat, placeholders)):
-        val = ph.meta.get("val")
-        if isinstance(leaf, torch.Tensor) and leaf.dim() >= 1 and leaf.shape[0] == batch:
-            batched.add(i)
-            dynamic |= isinstance(val, torch.Tensor) and isinstance(val.shape[0], torch.SymInt)
+    batched = {i for i in signature.batched(flat, batch) if i < len(placeholders)}
+    dynamic = any(isinstance(placeholders[i].meta.get("val"), torch.Tensor)
+                  and isinstance(placeholders[i].meta["val"].shape[0], torch.SymInt) for i in batched)
     if dynamic_batch and not dynamic and not notes:
         notes.append("the model fixes its batch size; captured with a static batch")
     return Capture(gm, args, kwargs, batched, dynamic, time.perf_counter() - start, notes)
@@ -105,15 +82,7 @@ def _dynamic_shapes(model, spec):
     args_spec, kwargs_spec = spec
     if not kwargs_spec:
         return args_spec
-    return {**_positional_names(model, args_spec), **kwargs_spec}
-
-
-def _positional_names(model, args_spec) -> dict:
-    import inspect
-
-    params = [p for p in inspect.signature(model.forward).parameters.values()
-              if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)]
-    return {p.name: s for p, s in zip(params, args_spec)}
+    return {**dict(zip(signature.forward_parameters(model)[0], args_spec)), **kwargs_spec}
 
 
 def _export(model, args, kwargs, dynamic_shapes):

@@ -4,6 +4,8 @@ inlining), so that a pass can decide at run time whether that part runs at all.
     region = exclusive_cone(seeds, scope="blocks.3.attn")    # what only these nodes need
     call, outputs = outline(gm, region, "cache.sites.0", wrap)  # wrap(child GraphModule) -> nn.Module
 
+`inline(graph, child, args)` copies a child's nodes back into a graph.
+
 The child GraphModule takes the region's inputs (tensors, SymInts, lists of tensors) as placeholders,
 reads parameters through its own `get_attr` nodes (shared, not copied), and returns a tuple of the
 region's outputs. The parent reads each output through a getitem of the call.
@@ -17,7 +19,7 @@ from collections.abc import Callable
 from torch import fx, nn
 
 from dittofx.rewriter.analysis import module_path
-from dittofx.rewriter.graph import copy_scope
+from dittofx.rewriter.edit import copy_scope
 
 
 class OutlineError(ValueError):
@@ -120,3 +122,18 @@ def outline(gm: fx.GraphModule, region: set[fx.Node], target: str, wrap: Callabl
     for n in reversed(nodes):
         graph.erase_node(n)
     return call, items
+
+
+def inline(graph: fx.Graph, child: fx.GraphModule, args: tuple) -> tuple:
+    """Copy `child`'s nodes into `graph` with its placeholders bound to `args`; returns its outputs.
+    Its get_attr targets must name the same tensors in `graph`'s module (true of an outlined child)."""
+    env = {}
+    placeholders = iter(args)
+    for c in child.graph.nodes:
+        if c.op == "placeholder":
+            env[c] = next(placeholders)
+        elif c.op == "output":
+            return tuple(fx.node.map_arg(c.args[0], lambda a: env[a]))
+        else:
+            env[c] = graph.node_copy(c, lambda a: env[a])
+    raise ValueError("a child graph without an output")

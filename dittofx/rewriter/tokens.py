@@ -1,10 +1,16 @@
-"""Let a pass change the number of tokens: no stale sequence length may stay in the graph.
+"""Token counts and token sizes: what lets passes change the tokens of a sequence.
 
-torch.export writes token counts as literals (`reshape(x, [B, 197, 3, 6, 64])`). Before a pass
-changes the token count, `make_token_sizes_dynamic` rewrites every size that carries the token axis
-(found by axis provenance) into one read from the tensor at run time: a `-1` where the op allows
-it, else `sym_size(x, d)` arithmetic. The graph computes the same values as before for the same
-inputs, and any token count afterwards.
+Token counts. torch.export writes token counts as literals (`reshape(x, [B, 197, 3, 6, 64])`).
+Before a pass changes the token count, `make_token_sizes_dynamic` rewrites every size that carries
+the token axis (found by axis provenance) into one read from the tensor at run time: a `-1` where
+the op allows it, else `sym_size(x, d)` arithmetic. The graph computes the same values as before
+for the same inputs, and any token count afterwards.
+
+Token sizes. A token that stands for several (ToMe's merged tokens, RLT's padded copies of a clip's
+last token) has a size, a (B, N, 1) tensor; attention counts a token of size s as s tokens by adding
+log(s) to its logits (`proportional_bias`, an additive SDPA mask, so the fused kernel stays), and a
+mean over tokens weights each by its size (`size_weighted_mean`). These are graph nodes any pass may
+insert; `sizes_at(sdpa)` tells a later pass which sizes an earlier one left, so it continues from them.
 """
 
 from __future__ import annotations
@@ -17,8 +23,10 @@ import torch
 from torch import fx
 
 from dittofx.rewriter import axes as ax
+from dittofx.rewriter.edit import arg
 
 aten = torch.ops.aten
+Tensor = torch.Tensor
 
 
 def token_labels(axis: ax.Axis) -> frozenset[ax.Label]:
@@ -48,6 +56,40 @@ def make_token_sizes_dynamic(gm: fx.GraphModule, amap: ax.AxisMap, labels: Itera
         graph.lint()
         gm.recompile()
     return changed
+
+
+def carrying(start: fx.Node, amap: ax.AxisMap, labels: set) -> set[fx.Node]:
+    """`start` and the nodes downstream of it that still carry any of `labels` (its token axis)."""
+    region, todo = {start}, [start]
+    while todo:
+        for user in todo.pop().users:
+            if user in region or user.op != "call_function":
+                continue
+            axes = amap.tensors.get(user)
+            carried = axes if isinstance(axes, tuple) else [a for t in (axes or []) for a in t]
+            if any(labels & set(a.labels) for a in carried):
+                region.add(user)
+                todo.append(user)
+    return region
+
+
+def batch_sizes_to_literals(region: set[fx.Node], amap: ax.AxisMap, batch: set) -> None:
+    """In the reshapes and expands of `region`, a batch size read from an input becomes its example value,
+    which `make_token_sizes_dynamic` then turns into a size read from the reshaped tensor: for a pass that
+    folds the batch into the token axis (RLT's packed clips: the batch is 1 once packed)."""
+    for n in region:
+        if n.target not in ax.RESHAPES and n.target is not aten.expand.default:
+            continue
+        target = list(n.args[1])
+        out_axes = amap[n]
+        changed = False
+        for d, s in enumerate(target):
+            if isinstance(s, fx.Node) and s in amap.symbols and set(amap.symbols[s].labels) <= batch \
+                    and d < len(out_axes) and batch & set(out_axes[d].labels):
+                target[d] = ax.int_value(s)
+                changed = True
+        if changed:
+            n.args = (n.args[0], target) + tuple(n.args[2:])
 
 
 def _size(graph: fx.Graph, node: fx.Node, x: fx.Node, dim: int) -> fx.Node:
@@ -148,3 +190,45 @@ _REWRITES = {
     aten.expand.default: _rewrite_expand,
     aten.split_with_sizes.default: _rewrite_split_sizes,
 }
+
+
+# -- token sizes -----------------------------------------------------------------------------------
+
+
+def proportional_bias(size: Tensor) -> Tensor:
+    """log(size) as an additive attention mask (B, 1, 1, N): a token of size s counts s times."""
+    return size.log().transpose(1, 2)[:, None]
+
+
+def add_bias(mask: Tensor, bias: Tensor) -> Tensor:
+    """Combine an existing SDPA mask with a proportional-attention bias."""
+    if mask.dtype == torch.bool:
+        mask = torch.zeros(mask.shape, dtype=bias.dtype, device=bias.device).masked_fill(~mask, -math.inf)
+    return mask + bias
+
+
+def size_weighted_mean(x: Tensor, size: Tensor, offset: int, keepdim: bool) -> Tensor:
+    """A mean over tokens (dim 1) that counts each token as many times as its size; `size` starts at
+    token `offset` of `x`."""
+    w = size[:, offset:]
+    return (x * w).sum(1, keepdim=keepdim) / w.sum(1, keepdim=keepdim)
+
+
+def is_size_bias(mask) -> bool:
+    return isinstance(mask, fx.Node) and mask.target in (proportional_bias, add_bias)
+
+
+def sizes_at(sdpa: fx.Node) -> fx.Node | None:
+    """The token sizes whose proportional bias is this attention's mask (an earlier rewrite's), or None."""
+    mask = arg(sdpa, "attn_mask")
+    if isinstance(mask, fx.Node) and mask.target is proportional_bias:
+        return mask.args[0]
+    return None
+
+
+def _mean_axes(node: fx.Node, amap: ax.AxisMap):
+    axes = amap[node.args[0]]
+    return (axes[:1] + (ax.EMPTY,) + axes[2:]) if node.args[3] else (axes[:1] + axes[2:])
+
+
+ax.register_rule(size_weighted_mean, _mean_axes)

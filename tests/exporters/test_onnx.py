@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import logging
 import os
 import textwrap
 
@@ -12,10 +13,11 @@ import pytest
 import torch
 from torch import nn
 
-from dittofx import progress
+from dittofx.cli import progress
 from dittofx.errors import ExportError
 from dittofx.exporters import onnx as onnx_exporter
-from dittofx.exporters.onnx import compare, export_onnx
+from dittofx.exporters.onnx import export_onnx
+from dittofx.exporters.verify import compare
 from dittofx.runtime import OnnxRuntimeRunner
 
 timm = pytest.importorskip("timm")
@@ -39,7 +41,8 @@ def _leftovers(directory) -> list[str]:
 
 def _dims(model_path):
     m = onnx.load(model_path, load_external_data=False)
-    return {v.name: [d.dim_param or d.dim_value for d in v.type.tensor_type.shape.dim] for v in list(m.graph.input) + list(m.graph.output)}
+    return {v.name: [d.dim_param or d.dim_value for d in v.type.tensor_type.shape.dim]
+            for v in list(m.graph.input) + list(m.graph.output)}
 
 
 @pytest.fixture(scope="module")
@@ -141,7 +144,8 @@ def test_transformers_model_output(tmp_path):
 
         def forward(self, pixel_values):
             h = self.fc(pixel_values)
-            return modeling_outputs.BaseModelOutputWithPooling(last_hidden_state=h, pooler_output=h[:, 0], hidden_states=(pixel_values, h))
+            return modeling_outputs.BaseModelOutputWithPooling(last_hidden_state=h, pooler_output=h[:, 0],
+                                                               hidden_states=(pixel_values, h))
 
     x = torch.randn(2, 7, 6)
     result = export_onnx(HF(), tmp_path / "hf.onnx", (x,))
@@ -208,12 +212,14 @@ class _FixedBatch(nn.Module):
         return x.reshape(2, -1).sum(-1)  # the batch is hard-coded: it cannot be dynamic
 
 
-def test_model_with_a_fixed_batch_falls_back_to_the_example_batch(tmp_path, capsys):
+def test_model_with_a_fixed_batch_falls_back_to_the_example_batch(tmp_path, caplog):
     x = torch.randn(2, 3, 4)
-    result = export_onnx(_FixedBatch(), tmp_path / "fixed.onnx", (x,))
+    with caplog.at_level(logging.WARNING, logger="dittofx"):
+        result = export_onnx(_FixedBatch(), tmp_path / "fixed.onnx", (x,))
     assert not result.dynamic_batch and result.max_rel_diff <= 1e-6
     assert _dims(result.path)["x"] == [2, 3, 4]
-    assert "fixed batch of 2" in capsys.readouterr().err
+    warned = [r for r in caplog.records if r.name == "dittofx" and r.levelno == logging.WARNING]
+    assert len(warned) == 1 and "fixed batch of 2" in warned[0].getMessage()  # the library warns through logging
 
 
 class _Wrapper(nn.Module):
@@ -251,7 +257,8 @@ def test_scatter_reduce_mean_is_refused_and_nothing_is_written(tmp_path, capsys)
     # What onnxruntime computes: torch exports reduce="mean" as ScatterElements(reduction="none").
     unchecked = tmp_path / "unchecked.onnx"
     export_onnx(_ScatterMean(), unchecked, (x, index), check=False)
-    reductions = {a.s.decode() for n in onnx.load(unchecked).graph.node if n.op_type == "ScatterElements" for a in n.attribute if a.name == "reduction"}
+    reductions = {a.s.decode() for n in onnx.load(unchecked).graph.node if n.op_type == "ScatterElements"
+                  for a in n.attribute if a.name == "reduction"}
     assert reductions == {"none"}
     got = OnnxRuntimeRunner(unchecked)(x, index)[0]
     ref = _ScatterMean()(x, index)

@@ -19,11 +19,17 @@ import pytest
 import torch
 from torch import nn
 
-from dittofx import progress
+from dittofx.cli import progress
 from dittofx.errors import ExportError
 from dittofx.exporters import tensorrt as trt_exporter
 from dittofx.exporters.onnx import export_onnx
-from dittofx.exporters.tensorrt import _profile_shapes, build_engine, convert_onnx_to_fp16, parse_range, trt_capabilities
+from dittofx.exporters.tensorrt import (
+    _profile_shapes,
+    build_engine,
+    convert_onnx_to_fp16,
+    parse_range,
+    trt_capabilities,
+)
 from dittofx.runtime import TENSORRT_MISSING, OnnxRuntimeRunner
 
 
@@ -199,7 +205,9 @@ def make_fake_tensorrt(version: str, weak_typing: bool, parse_errors=()):
     flags = types.SimpleNamespace(TF32="TF32")
     if weak_typing:
         flags.FP16, flags.BF16 = "FP16", "BF16"
-    trt.Logger, trt.init_libnvinfer_plugins, trt.Builder, trt.OnnxParser = Logger, init_libnvinfer_plugins, Builder, OnnxParser
+    trt.Logger, trt.init_libnvinfer_plugins, trt.Builder, trt.OnnxParser = (
+        Logger, init_libnvinfer_plugins, Builder, OnnxParser
+    )
     trt.BuilderFlag = flags
     trt.MemoryPoolType = types.SimpleNamespace(WORKSPACE="WORKSPACE")
     return trt
@@ -254,7 +262,8 @@ TensorProto_FLOAT16 = onnx.TensorProto.FLOAT16
 
 
 def test_parser_errors_one_line_each_and_no_engine(fake_trt, mlp_onnx, tmp_path):
-    fake_trt(parse_errors=[("node_topk", "TopK", "K exceeds the maximum value"), ("node_x", "Foo", "No importer registered\nfor op: Foo")])
+    fake_trt(parse_errors=[("node_topk", "TopK", "K exceeds the maximum value"),
+                           ("node_x", "Foo", "No importer registered\nfor op: Foo")])
     _, onnx_path = mlp_onnx
     with pytest.raises(ExportError) as exc:
         build_engine(onnx_path, tmp_path / "m.plan")
@@ -270,7 +279,8 @@ def test_export_tensorrt_exports_checks_and_builds(tmp_path, monkeypatch):
     monkeypatch.setattr(trt_exporter, "import_tensorrt", lambda: trt)
     monkeypatch.setattr(trt_exporter, "require_cuda", lambda what: None)
     torch.manual_seed(0)
-    built = trt_exporter.export_tensorrt(_MLP().eval(), tmp_path / "m.plan", (torch.randn(3, 16),), fp16=True, optimize=True)
+    built = trt_exporter.export_tensorrt(_MLP().eval(), tmp_path / "m.plan", (torch.randn(3, 16),), fp16=True,
+                                         optimize=True)
     assert built.onnx.max_rel_diff <= 1e-4 and built.onnx.dynamic_batch
     assert built.profile == {"x": ((1, 16), (3, 16), (8, 16))}  # default batch range (1, B, max(8, B))
     assert [c[1] for c in trt.calls if c[0] == "build"] == [["FP16"]]

@@ -28,7 +28,8 @@ def _vi(name, dtype, shape):
 
 def _clean(opset=18):
     w = numpy_helper.from_array(np.ones((4, 3), np.float32), "w")
-    nodes = [helper.make_node("MatMul", ["x", "w"], ["h"], name="mm"), helper.make_node("Relu", ["h"], ["y"], name="relu")]
+    nodes = [helper.make_node("MatMul", ["x", "w"], ["h"], name="mm"),
+             helper.make_node("Relu", ["h"], ["y"], name="relu")]
     return _model(nodes, [_vi("x", F, ["batch", 4])], [_vi("y", F, ["batch", 3])], [w], opset=opset)
 
 
@@ -38,11 +39,13 @@ def _topk(k_source: str, k: int = 10, n: int = 8000, sorted_=1):
     if k_source == "initializer":
         inits.append(numpy_helper.from_array(np.array([k], np.int64), "k"))
     elif k_source == "constant":
-        nodes.append(helper.make_node("Constant", [], ["k"], value=numpy_helper.from_array(np.array([k], np.int64)), name="kconst"))
+        nodes.append(helper.make_node("Constant", [], ["k"], value=numpy_helper.from_array(np.array([k], np.int64)),
+                                      name="kconst"))
     elif k_source == "input":
         inputs.append(_vi("k", I64, [1]))
     elif k_source == "shape":  # argsort: K = x.shape[-1], as torch.onnx writes it
-        inits += [numpy_helper.from_array(np.array(-1, np.int64), "last"), numpy_helper.from_array(np.array([1], np.int64), "one")]
+        inits += [numpy_helper.from_array(np.array(-1, np.int64), "last"),
+                  numpy_helper.from_array(np.array([1], np.int64), "one")]
         nodes += [
             helper.make_node("Shape", ["x"], ["shape"], name="shape"),
             helper.make_node("Gather", ["shape", "last"], ["n"], axis=0, name="gather"),

@@ -5,7 +5,7 @@ import torch
 import torch.nn.functional as F
 from torch.overrides import TorchFunctionMode
 
-from dittofx import zoo
+from dittofx.models import zoo
 from dittofx.rewriter.analysis import analyze
 from dittofx.rewriter.capture import capture
 

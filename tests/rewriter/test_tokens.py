@@ -3,12 +3,12 @@
 import pytest
 import torch
 
-from dittofx import zoo
+from dittofx.models import zoo
 from dittofx.passes.sdpa import drop_trivial_masks
 from dittofx.rewriter import axes
 from dittofx.rewriter.analysis import analyze
 from dittofx.rewriter.capture import capture
-from dittofx.rewriter.graph import insert_after
+from dittofx.rewriter.edit import insert_after
 from dittofx.rewriter.tokens import make_token_sizes_dynamic, token_labels
 
 DROP = {"k": 0}

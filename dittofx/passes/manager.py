@@ -1,0 +1,132 @@
+"""The pipeline: capture -> analysis -> [prologue] -> the user's passes, each checked after it runs.
+
+    gm, report = PassManager(parse_passes(["rlt", "tome:r=8"])).run(model, capture)
+
+What it guarantees, in order:
+
+1. Ordering, before anything runs (`check_order`): each pass's declared constraints (`runs_before`,
+   `runs_last`, passes/base.py) hold, or one PassSpecError line names the two passes and the fix.
+2. The prologue: `CanonicalizeAttention` runs first whenever any pass is given (unless given), so
+   every pass sees one form of attention.
+3. For each pass: a model with no attention, or one whose every block the pass's `check()` refuses,
+   is the user's input: one UnsupportedModelError line with the first refusal.
+4. After each pass that changed the graph: lint, dead-code removal, recompile, and a fresh run of the
+   metadata (fake tensors) over the example. A failure there is the pass's bug, not the user's:
+   InternalError naming the pass. Then the analysis runs again for the next pass, and the report
+   takes the pass's notes.
+"""
+
+from __future__ import annotations
+
+from dittofx.errors import PassSpecError, UnsupportedModelError, internal_error
+from dittofx.passes.base import Pass, PassContext
+from dittofx.passes.sdpa import CanonicalizeAttention
+from dittofx.passes.spec import REGISTRY, pass_class
+from dittofx.report import BlockReport, Report
+from dittofx.rewriter.analysis import Analysis, analyze, module_path
+from dittofx.rewriter.capture import Capture
+from dittofx.rewriter.edit import refresh_meta, remove_dead
+
+PROLOGUE: tuple[type[Pass], ...] = (CanonicalizeAttention,)
+
+
+def check_order(passes: list[Pass]) -> None:
+    """Every pass's ordering constraints hold in `passes`, or PassSpecError (one line)."""
+    names = [p.name for p in passes]
+    for i, p in enumerate(passes):
+        if p.runs_last and i != len(passes) - 1:
+            raise PassSpecError(f"{p.name} must be the last pass ({type(p).__name__} hides the graph from later "
+                                f"passes), but {names[i + 1]} follows it: put {p.name} last")
+        for later in p.runs_before:
+            if later in names[:i]:
+                raise PassSpecError(f"{p.name} must come before {later} ({later} continues from what {p.name} "
+                                    f"leaves), but {later} is given first: write {p.name} before {later}")
+
+
+class PassManager:
+    def __init__(self, passes: list[Pass]):
+        check_order(passes)
+        prologue = [cls() for cls in PROLOGUE if passes and not any(isinstance(p, cls) for p in passes)]
+        self.passes = prologue + list(passes)
+
+    def run(self, model, cap: Capture):
+        """Run the pipeline over the captured graph; returns (graph module, report)."""
+        gm = cap.graph_module
+        analysis = analyze(gm, cap.batched_inputs)
+        report = describe(model, cap, analysis)
+        for i, p in enumerate(self.passes):
+            self._applies(p, model, analysis)
+            result = p.run(PassContext(gm, cap, analysis, model, later=list(self.passes[i + 1:])))
+            if result.changed:
+                self._after(p, gm, cap)
+                analysis = analyze(gm, cap.batched_inputs)
+                report = describe(model, cap, analysis, report)
+            for block, notes in result.block_notes.items():
+                try:
+                    report.block(block).actions.extend(notes)
+                except KeyError:
+                    report.notes.extend(f"{block}: {n}" for n in notes)
+            report.notes.extend(result.notes)
+            report.stats.update(result.stats)
+            if p.listed:
+                report.passes.append(p.spec())
+        return gm, report
+
+    @staticmethod
+    def _applies(p: Pass, model, analysis: Analysis) -> None:
+        if not p.needs_attention:
+            return
+        what = type(model).__name__
+        if not analysis.sites:
+            raise UnsupportedModelError(
+                f"{what} has no attention for pass {p.name!r} to rewrite: dittofx looks for "
+                f"scaled_dot_product_attention or softmax(Q @ K^T) @ V in the captured graph")
+        reasons = {b.name: p.check(analysis, b) for b in analysis.blocks}
+        if not p.may_apply_nowhere and all(reasons.values()):
+            block, reason = next(iter(reasons.items()))
+            raise UnsupportedModelError(f"{type(p).__name__} applies to no block of {what}: {block}: {reason}")
+
+    @staticmethod
+    def _after(p: Pass, gm, cap: Capture) -> None:
+        """The checks after a pass that changed the graph; a failure is dittofx's bug."""
+        try:
+            gm.graph.lint()
+            remove_dead(gm)
+            gm.recompile()
+            refresh_meta(gm, cap.flat_inputs())
+        except Exception as e:
+            raise internal_error(f"pass {p.spec()!r} produced a graph that does not run on the example inputs", e) \
+                from e
+
+
+def describe(model, cap: Capture, analysis: Analysis, previous: Report | None = None) -> Report:
+    """Describe every block; `previous` carries over the actions and notes recorded so far."""
+    candidates = [(name, pass_class(name)()) for name in REGISTRY]
+    blocks = []
+    for block in analysis.blocks:
+        applicable = [name for name, p in candidates if p.listed and p.check(analysis, block) is None]
+        blocks.append(BlockReport(block.name, block.kinds, block.tokens, block.prefix, applicable))
+    report = Report(type(model).__name__, blocks, notes=list(cap.notes), dynamic_batch=cap.dynamic_batch,
+                    capture_seconds=cap.seconds,
+                    timestep_input=analysis.timestep_input.name if analysis.timestep_input is not None else None,
+                    patch_embedding=_patch_name(analysis))
+    if previous is not None:
+        report.notes, report.passes, report.stats = previous.notes, previous.passes, previous.stats
+        for b in report.blocks:
+            try:
+                b.actions = previous.block(b.name).actions
+            except KeyError:
+                pass
+        # a block whose attention a pass moved into a submodule (PAB) keeps its description
+        found = {b.name: b for b in report.blocks}
+        if any(b.name not in found for b in previous.blocks):
+            report.blocks = [found.pop(b.name, b) for b in previous.blocks] + list(found.values())
+    return report
+
+
+def _patch_name(analysis: Analysis) -> str | None:
+    if not analysis.patch_embeddings:
+        return None
+    conv = analysis.patch_embeddings[0]
+    paths = module_path(conv)
+    return f"{paths[-1] if paths else conv.name} ({conv.target.__name__.split('.')[0]})"

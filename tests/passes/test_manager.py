@@ -1,0 +1,155 @@
+"""The pass manager: declared ordering, the prologue, refusals, checks after each pass, and pass
+options as dataclasses read by the spec parser, sweeps and tune."""
+
+import dataclasses
+from dataclasses import dataclass
+from typing import ClassVar
+
+import pytest
+import torch
+
+import dittofx
+from dittofx.errors import DittoError, InternalError, PassSpecError, UnsupportedModelError
+from dittofx.models import zoo
+from dittofx.passes import PAB, RLT, CanonicalizeAttention, Pass, ToMe
+from dittofx.passes.base import PassResult
+from dittofx.passes.manager import check_order
+from dittofx.passes.spec import REGISTRY, parse_pass
+
+
+@pytest.fixture(scope="module")
+def vit():
+    return zoo.build("vit")
+
+
+@dataclass(repr=False)
+class BreaksTheGraph(Pass):
+    """A pass with a bug: it reroutes the first attention's output to a tensor of another shape."""
+
+    name: ClassVar[str] = "broken"
+
+    def run(self, ctx):
+        sdpa = ctx.analysis.sites[0].node
+        with ctx.gm.graph.inserting_after(sdpa):
+            wrong = ctx.gm.graph.call_function(torch.ops.aten.sum.dim_IntList, (sdpa, [-1]))
+        sdpa.replace_all_uses_with(wrong, delete_user_cb=lambda u: u is not wrong)
+        return PassResult(changed=True)
+
+
+def test_a_pass_that_breaks_the_graph_is_an_internal_error_naming_it(vit):
+    with pytest.raises(InternalError) as e:
+        dittofx.optimize(vit.model, [BreaksTheGraph()], vit.example_inputs)
+    text = str(e.value)
+    assert "'broken'" in text and "bug in dittofx" in text and "report" in text and "\n" not in text
+    assert not isinstance(e.value, DittoError)  # never mistaken for the user's error
+
+
+def test_the_cli_reports_an_internal_error_with_its_own_exit_code(vit, capsys):
+    from dittofx.cli import main
+
+    REGISTRY["broken"] = f"{__name__}:BreaksTheGraph"
+    try:
+        code = main(["inspect", "zoo:vit", "--pass", "broken", "--quiet"])
+    finally:
+        del REGISTRY["broken"]
+    err = capsys.readouterr().err
+    assert code == 3 and "internal error" in err and "Traceback" not in err and err.count("\n") == 1
+
+
+@pytest.mark.parametrize("passes,words", [
+    (["pab", "tome:r=2"], ["pab must be the last pass", "tome follows"]),
+    (["tome:r=2", "rlt"], ["rlt must come before tome", "write rlt before tome"]),
+])
+def test_ordering_constraints_are_one_line_errors_before_any_work(passes, words):
+    model = torch.nn.Linear(2, 2)  # never captured: the order is checked first
+    with pytest.raises(PassSpecError) as e:
+        dittofx.optimize(model, passes, (torch.randn(2, 2),))
+    assert all(w in str(e.value) for w in words) and "\n" not in str(e.value)
+
+
+def test_ordering_is_declared_on_the_passes():
+    assert PAB.runs_last and RLT.runs_before == ("tome",)
+    check_order([RLT(), ToMe(r=2), PAB()])  # the order the constraints allow
+
+
+def test_the_prologue_canonicalises_attention_and_is_not_listed():
+    class Handwritten(torch.nn.Module):  # patches, one block of hand-written attention, mean pooling
+        def __init__(self):
+            super().__init__()
+            self.patch = torch.nn.Conv2d(3, 16, 4, stride=4)
+            self.qkv, self.proj = torch.nn.Linear(16, 48), torch.nn.Linear(16, 16)
+
+        def forward(self, image):
+            x = self.patch(image).flatten(2).transpose(1, 2)
+            b, n, _ = x.shape
+            q, k, v = self.qkv(x).view(b, n, 3, 2, 8).permute(2, 0, 3, 1, 4)
+            attn = (q @ k.transpose(-2, -1) * 8 ** -0.5).softmax(-1)
+            x = x + self.proj((attn @ v).transpose(1, 2).reshape(b, n, 16))
+            return x.mean(1)
+
+    model = Handwritten().eval()
+    x = torch.randn(2, 3, 12, 12)
+    opt = dittofx.optimize(model, ["tome:r=2"], (x,))
+    targets = {n.target for n in opt.graph_module.graph.nodes}
+    assert torch.ops.aten.scaled_dot_product_attention.default in targets
+    assert torch.ops.aten._softmax.default not in targets and torch.ops.aten.softmax.int not in targets
+    assert opt.report.passes == ["tome:r=2"]
+    assert any("canonicalised" in n for n in opt.report.notes)
+    assert any("merged 2 tokens" in n for n in opt.report.notes)  # of 9 patches, in the root module's block
+    assert torch.allclose(dittofx.optimize(model, ["tome:r=0"], (x,))(x), model(x), atol=1e-6)
+
+
+def test_no_block_accepting_a_pass_is_one_refusal_line(vit):
+    with pytest.raises(UnsupportedModelError) as e:
+        dittofx.optimize(vit.model, [PAB()], vit.example_inputs)
+    assert "no timestep input" in str(e.value) and "\n" not in str(e.value)
+    with pytest.raises(UnsupportedModelError) as e:
+        dittofx.optimize(vit.model, [RLT()], vit.example_inputs)
+    assert str(e.value).startswith("RLT applies to no block of VisionTransformer: blocks.0: no tubelet embedding")
+
+
+def test_options_are_dataclass_fields_read_by_the_parser_sweeps_and_tune():
+    from dittofx.measure.bench import parse_sweep
+    from dittofx.measure.tune import ladder
+
+    for cls in (ToMe, RLT, PAB, CanonicalizeAttention):
+        assert cls.option_names() == [f.name for f in dataclasses.fields(cls)]
+    assert parse_pass("tome:r=8,trace_source=true") == ToMe(r=8, trace_source=True)
+    with pytest.raises(PassSpecError, match="accepted: r, prop_attn, trace_source, ratio, merge_mlp, seed"):
+        parse_pass("tome:speed=2")
+    with pytest.raises(PassSpecError):  # dataclasses.replace runs the same checks
+        dataclasses.replace(ToMe(), r=-1)
+    key, index, points = parse_sweep("temporal=2:6:2", ["tome:r=1", "pab:cross=8"])
+    assert (key, index) == ("temporal", 1)
+    assert [specs[1] for _, specs in points] == [f"pab:spatial=2,temporal={t},cross=8,timestep_window=(100,800)"
+                                                 for t in (2, 4, 6)]
+    report = type("R", (), {"timestep_input": None, "blocks": []})()
+    what, rungs = ladder(ToMe(prop_attn=False), report, None)
+    assert what == "r" and rungs[3].spec == "tome:r=4,prop_attn=False"
+
+
+def test_public_names():
+    import dittofx.passes as passes
+
+    assert dittofx.ToMe is ToMe is passes.ToMe and dittofx.RLT is RLT and dittofx.PAB is PAB
+    assert dittofx.CanonicalizeAttention is CanonicalizeAttention
+    assert repr(ToMe(r=16)) == "ToMe(r=16)" and ToMe(r=16).spec() == "tome:r=16"
+
+
+def test_old_import_paths_work_for_a_release_and_say_where_the_name_went():
+    import importlib
+    import sys
+
+    for old, new, name in [("dittofx.zoo", "dittofx.models.zoo", "build"),
+                           ("dittofx.workload", "dittofx.measure.workload", "Workload"),
+                           ("dittofx.workload", "dittofx.measure.inputs", "load_inputs"),
+                           ("dittofx.runtime_pab", "dittofx.runtime.onnxruntime", "OnnxPABRunner"),
+                           ("dittofx.runtime_pab", "dittofx.runtime.pab", "BroadcastState"),
+                           ("dittofx.progress", "dittofx.cli.progress", "set_quiet")]:
+        sys.modules.pop(old, None)
+        with pytest.warns(DeprecationWarning, match=f"{old} moved to"):
+            module = importlib.import_module(old)
+        assert getattr(module, name) is getattr(importlib.import_module(new), name)
+    from dittofx.passes.tome import grid_destinations, proportional_bias  # the pass module still has them
+    from dittofx.runtime import OnnxRuntimeRunner  # noqa: F401 - the runners' old home
+    assert grid_destinations and proportional_bias
