@@ -11,8 +11,9 @@ from typing import NamedTuple
 import torch
 import torch.nn.functional as F
 from torch import fx, nn
-from torch._subclasses.fake_tensor import DynamicOutputShapeException, FakeTensor
+from torch._subclasses.fake_tensor import DynamicOutputShapeException
 
+from dittofx._torch_compat import detect_fake_mode, is_fake
 from dittofx.rewriter import axes as ax
 
 COMPARES = ("previous", "run_start")
@@ -104,8 +105,7 @@ def _record(state: nn.Module, name: str, value: torch.Tensor) -> None:
     effect dynamo replays), not while exporting or propagating fake tensors."""
     if torch.compiler.is_exporting():
         return
-    if not torch.compiler.is_compiling() and (isinstance(value, FakeTensor)
-                                              or torch._guards.detect_fake_mode(value) is not None):
+    if not torch.compiler.is_compiling() and (is_fake(value) or detect_fake_mode(value) is not None):
         return
     setattr(state, name, value.detach())
 
