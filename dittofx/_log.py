@@ -2,9 +2,9 @@
 
 Stages of long work (capture, export, checks) are two records: one when the stage starts (DEBUG,
 `dittofx_stage="start"`) and one when it ends (INFO, `dittofx_stage="done"`, with `seconds`; DEBUG
-`"failed"` when it raised). A
-library user sees nothing below WARNING unless they configure logging; the CLI renders these
-records with rich (a spinner while a stage runs, a check mark and its time after).
+`"failed"` when it raised). A library user sees nothing below WARNING unless they configure
+logging; the CLI renders these records with rich (a spinner while a stage runs, a check mark and
+its time after).
 """
 
 from __future__ import annotations

@@ -179,10 +179,10 @@ def batched(values, batch: int | None = None) -> list[int]:
 
 def resize_batch(tree, batch: int, new: int):
     """`tree` with every tensor whose dim 0 is `batch` cycled to `new` rows (rows 0, 1, ... repeated)."""
-    flat = [v for _, v in leaves(tree)]
-    paths = [p for p, _ in leaves(tree)]
+    found = list(leaves(tree))
     rows = torch.arange(new) % batch
-    return replace(tree, {paths[i]: flat[i][rows.to(flat[i].device)].clone() for i in batched(flat, batch)})
+    return replace(tree, {found[i][0]: found[i][1][rows.to(found[i][1].device)]
+                          for i in batched([v for _, v in found], batch)})
 
 
 # -- calls -----------------------------------------------------------------------------------------
@@ -191,7 +191,9 @@ def resize_batch(tree, batch: int, new: int):
 def call_key(args: tuple, kwargs: dict, free_batch: set[int]) -> tuple:
     """What a call must match to reuse a captured graph: structure, constants, dtypes, devices and
     shapes, with dim 0 free at the flat positions in `free_batch`."""
-    flat, spec = pytree.tree_flatten((tuple(args), dict(sorted(kwargs.items()))))
+    call = (tuple(args), dict(sorted(kwargs.items())))
+    spec = pytree.tree_structure(call)
+    flat = [v for _, v in leaves(call)]  # the order capture's batched positions refer to
     key = []
     for i, x in enumerate(flat):
         if isinstance(x, torch.Tensor):

@@ -218,7 +218,7 @@ def run(args) -> int:
         references: dict = {}
         agreements = []
         with progress.bar(len(optimized), f"agreement ({su.notes[0]})") as advance:
-            for (_, _, _opt), (call, reset) in zip(optimized, calls):
+            for call, reset in calls:
                 agreements.append(measure_agreement(model, su.calibration, kind, call, reset, references))
                 advance()
 
@@ -229,7 +229,7 @@ def run(args) -> int:
 
         # timing, interleaved
         fns = {"untouched": lambda: wl.run(base_call)}
-        for (_label, name, _), (call, reset) in zip(optimized, calls):
+        for (_, name, _), (call, reset) in zip(optimized, calls):
             fns[name] = (lambda c=call, r=reset: wl.run(c, reset=r))
         what = f"{wl.steps}-step loops" if wl.diffusion else f"batches of {wl.batch}"
         with progress.bar(args.rounds, f"timing {len(fns)} models, {what}, interleaved") as advance:

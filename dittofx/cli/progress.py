@@ -13,7 +13,7 @@ from collections.abc import Callable, Iterator
 
 from rich.console import Console
 
-from dittofx._log import stage as _log_stage
+from dittofx._log import stage  # noqa: F401 - the command line's own stages show as the library's do
 
 _console = Console(stderr=True, highlight=False)
 _quiet = False
@@ -114,9 +114,6 @@ def bar(total: int, description: str) -> Iterator[Callable[..., None]]:
 def info(message: str) -> None:
     if not _quiet:
         _console.print(message)
-
-
-stage = _log_stage  # the command line's own stages show as the library's do
 
 
 def warn(message: str) -> None:

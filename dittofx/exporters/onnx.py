@@ -116,7 +116,8 @@ def export_onnx(
     if not MIN_OPSET <= opset <= MAX_OPSET:
         raise ExportError(f"opset {opset} is not supported: choose {MIN_OPSET} (default, safe for onnxruntime and "
                           f"TensorRT 10) to {MAX_OPSET} (23+ gives the ONNX Attention op)")
-    optimize = {True: "all", False: None}.get(optimize, optimize) if isinstance(optimize, bool) else optimize
+    if isinstance(optimize, bool):
+        optimize = "all" if optimize else None
     if optimize not in OPTIMIZE:
         raise ExportError(f"optimize={optimize!r}: accepted None, 'onnxscript' or 'all'")
     _require_onnx()

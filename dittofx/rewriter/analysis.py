@@ -120,24 +120,13 @@ def _attention_module(sdpa: fx.Node) -> tuple[str, fx.Node | None]:
     return (paths[-1] if paths else ""), proj
 
 
-def _ancestors(node: fx.Node, stop: int, order: dict[fx.Node, int]) -> set[fx.Node]:
-    """Nodes `node` is computed from, no earlier in the graph than position `stop`."""
-    seen, todo = set(), [node]
-    while todo:
-        for a in todo.pop().all_input_nodes:
-            if a not in seen and order[a] >= stop:
-                seen.add(a)
-                todo.append(a)
-    return seen
-
-
 def _module_output(sdpa: fx.Node, module: str, residual: fx.Node | None, order: dict[fx.Node, int]) -> fx.Node:
     """The last node inside `module` that the SDPA result flows into before the residual add: the
     attention module's output (for attention written inline in a block, the projection's output)."""
     inside = [n for n in descendants(sdpa) if _in_scope(n, module) and n.op == "call_function"
               and isinstance(n.meta.get("val"), torch.Tensor)]
     if residual is not None:
-        feeding = _ancestors(residual, order[sdpa], order)
+        feeding = ancestors(residual, stop=lambda n: order[n] < order[sdpa]) - {residual}
         inside = [n for n in inside if n in feeding]
     return max(inside, key=order.__getitem__) if inside else sdpa
 
@@ -356,9 +345,6 @@ def patch_grid(site: AttentionSite) -> tuple[int, int] | None:
     return (h, w) if h * w == site.tokens else None
 
 
-_RESHAPES = (aten.view.default, aten.reshape.default, aten._unsafe_view.default, aten.unflatten.int)
-
-
 def outputs_carry(analysis: Analysis, labels: frozenset) -> bool:
     """Does the model return every token: a graph output keeps the token axis, or the tokens are
     reshaped back into a grid (a DiT's unpatchify, a video model's frames)?"""
@@ -371,7 +357,7 @@ def outputs_carry(analysis: Analysis, labels: frozenset) -> bool:
     if any(labels & set(a.labels) for node in outputs for a in analysis.axes[node]):
         return True
     return any(sum(bool(labels & set(a.labels)) for a in analysis.axes[n]) > 1
-               for n in graph.nodes if n.target in _RESHAPES)
+               for n in graph.nodes if n.target in ax.RESHAPES or n.target is aten.unflatten.int)
 
 
 def tubelet_embeddings(analysis: Analysis) -> list[fx.Node]:
