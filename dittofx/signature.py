@@ -191,9 +191,9 @@ def resize_batch(tree, batch: int, new: int):
 def call_key(args: tuple, kwargs: dict, free_batch: set[int]) -> tuple:
     """What a call must match to reuse a captured graph: structure, constants, dtypes, devices and
     shapes, with dim 0 free at the flat positions in `free_batch`."""
-    call = (tuple(args), dict(sorted(kwargs.items())))
-    spec = pytree.tree_structure(call)
-    flat = [v for _, v in leaves(call)]  # the order capture's batched positions refer to
+    # pytree's own flatten: this runs on every call, and for what torch.export can capture (no bare
+    # dataclass inputs) its order is `leaves`', which capture's batched positions refer to
+    flat, spec = pytree.tree_flatten((tuple(args), dict(sorted(kwargs.items()))))
     key = []
     for i, x in enumerate(flat):
         if isinstance(x, torch.Tensor):
