@@ -2,20 +2,24 @@
 
 from __future__ import annotations
 
+import threading
+
 import torch
 from torch import fx, nn
 
-from dittofx import runtime, signature
+from dittofx import _log, runtime, signature
 from dittofx.errors import DittoError
 from dittofx.passes.base import Pass
+from dittofx.passes.exact import check_exact
 from dittofx.passes.manager import PassManager, check_order
 from dittofx.passes.spec import parse_passes
 from dittofx.report import Report
 from dittofx.rewriter.capture import Capture, capture
+from dittofx.rewriter.edit import copy_module
 
 
 def optimize(model: nn.Module, passes=(), example_inputs=None, example_kwargs=None, *,
-             dynamic_batch: bool = True, compile: bool = False) -> OptimizedModule:
+             dynamic_batch: bool = True, compile: bool = False, check: bool = True) -> OptimizedModule:
     """Return `model` rewritten by `passes`, as a drop-in module with a `report`.
 
     passes: Pass objects (`ToMe(r=16)`, from `dittofx.passes`) or spec strings (`"tome:r=16"`),
@@ -23,6 +27,9 @@ def optimize(model: nn.Module, passes=(), example_inputs=None, example_kwargs=No
     example_inputs / example_kwargs: what forward() is called with; the batch may be any size (it is
     dynamic in the result). Left out, they are inferred where the model states its input size.
     compile: wrap the rewritten graph in `torch.compile(fullgraph=True)`.
+    check: run the rewritten module once at the passes' exact setting next to `model` on the example
+        inputs, and refuse (InexactRewriteError) if it computes something else (passes/exact.py); costs
+        one forward of each (see the README).
     """
     if not isinstance(model, nn.Module):
         raise DittoError(f"optimize() takes a torch.nn.Module, not {type(model).__name__}")
@@ -39,7 +46,7 @@ def optimize(model: nn.Module, passes=(), example_inputs=None, example_kwargs=No
     if example_inputs is not None and not isinstance(example_inputs, (tuple, list)):
         example_inputs = (example_inputs,)
     return OptimizedModule(model, pass_list, tuple(example_inputs or ()), dict(example_kwargs or {}),
-                           dynamic_batch=dynamic_batch, compile=compile)
+                           dynamic_batch=dynamic_batch, compile=compile, check=check)
 
 
 class _Variant(nn.Module):
@@ -75,15 +82,30 @@ class OptimizedModule(nn.Module):
 
     A call whose structure, constants or non-batch shapes differ from those captured is captured
     and rewritten again (once, then reused), as torch.compile does on a guard failure.
+
+    State between calls (PAB's caches; rules in dittofx/runtime/pab.py) follows generations
+    (denoising loops) and guidance branches, per thread:
+        opt.new_generation()                  the next call starts a new generation
+        with opt.generation(): ...            one generation, its boundaries declared
+        with opt.cache_context("uncond", step_index=i): ...   diffusers' pipeline protocol: the
+                                              branch by name, step 0 starts a generation
+        opt._reset_stateful_cache()           diffusers' end of `pipe(...)`: ends the generation
+        opt.reset()                           drops every thread's state
+    So `pipe.transformer = optimize(pipe.transformer, ["pab"], ...)` gives one generation per
+    `pipe(...)`. A loop of one's own needs none of them while its timesteps are monotonic (a call
+    going against the direction starts a generation) and cond/uncond differ in their conditioning
+    inputs; call new_generation() where a loop starts that continues the last one's direction.
     """
 
     def __init__(self, model: nn.Module, passes: list[Pass], example_inputs: tuple, example_kwargs: dict, *,
-                 dynamic_batch: bool = True, compile: bool = False):
+                 dynamic_batch: bool = True, compile: bool = False, check: bool = True):
         super().__init__()
         self.__dict__["_original"] = model  # not a submodule: its parameters are shared, not copied
         self.passes = passes
         self.dynamic_batch = dynamic_batch
         self.compiled = compile
+        self.check = check
+        self.__dict__["_building"] = threading.Lock()
         self.variants = nn.ModuleList()
         self._build(example_inputs, example_kwargs)
 
@@ -121,12 +143,22 @@ class OptimizedModule(nn.Module):
         for variant in self.variants:
             if variant.matches(args, kwargs):
                 return variant
-        return self._build(args, kwargs)
+        with self.__dict__["_building"]:  # torch.export is not thread-safe: one capture at a time
+            for variant in self.variants:  # another thread may have captured this form meanwhile
+                if variant.matches(args, kwargs):
+                    return variant
+            return self._build(args, kwargs)
 
     def _build(self, args: tuple, kwargs: dict) -> _Variant:
         kwargs = dict(sorted(kwargs.items()))
-        gm, cap, report = rewrite(self.original, self.passes, args, kwargs, dynamic_batch=self.dynamic_batch)
+        cap = capture(self.original, args, kwargs, dynamic_batch=self.dynamic_batch)
+        base = copy_module(cap.graph_module) if self.check else None
+        gm, report = PassManager(self.passes).run(self.original, cap)
         variant = _Variant(gm, cap, report, self.compiled)
+        if base is not None:
+            with _log.stage("checking the rewritten model at its exact setting"):
+                run = variant.runner if not self.compiled else None  # compiling only to check: too slow
+                check_exact(self.original, self.passes, cap, base, gm, run)
         self.variants.append(variant)
         return variant
 
@@ -142,6 +174,26 @@ class OptimizedModule(nn.Module):
         """Reset the state of stateful passes (e.g. PAB's caches) in every captured graph."""
         for variant in self.variants:
             runtime.reset(variant.gm)
+
+    def new_generation(self) -> None:
+        """The calling thread's next call starts a new generation (PAB: its caches and counters are
+        dropped). A no-op without a stateful pass."""
+        runtime.stateful.new_generation([v.gm for v in self.variants])
+
+    def generation(self):
+        """`with opt.generation(): <one denoising loop>`: a fresh generation on entry, dropped on exit,
+        and none inferred from the timesteps inside (for samplers whose timesteps go back up)."""
+        return runtime.stateful.generation([v.gm for v in self.variants])
+
+    def cache_context(self, name: str, step_index: int | None = None, **_):
+        """diffusers' `ModelMixin.cache_context`, which pipelines wrap each call in: the calls inside are
+        guidance branch `name` (each its own counters and caches) at denoising step `step_index` (0
+        starts a generation). Other fields (sigma, timestep, ...) are accepted and not needed."""
+        return runtime.stateful.call_context(name, step_index)
+
+    def _reset_stateful_cache(self, recurse: bool = True) -> None:
+        """What diffusers pipelines call at the end of every `pipe(...)`: ends the calling thread's generation."""
+        self.new_generation()
 
     def __getattr__(self, name: str):
         try:

@@ -20,6 +20,11 @@ class UnsupportedModelError(DittoError):
     """The model was captured but has nothing a pass can work on (no attention, no tubelets, ...)."""
 
 
+class InexactRewriteError(UnsupportedModelError):
+    """At its exact setting, a rewritten model does not compute what the original does (passes/exact.py):
+    dittofx refuses the model rather than hand back something that computes something else."""
+
+
 class PassSpecError(DittoError):
     """An unknown pass, an unknown option of a pass, or an option value out of range."""
 

@@ -9,6 +9,7 @@ from dittofx.errors import DittoError, PassSpecError
 from dittofx.models import zoo
 from dittofx.passes.sdpa import CanonicalizeAttention
 from tests.conftest import first_tensor, run
+from tests.models.test_zoo_diffusion import MODELS as TODAYS_DIFFUSION
 
 
 def leaves(out):
@@ -17,7 +18,7 @@ def leaves(out):
     return [x for x in pytree.tree_leaves(out) if isinstance(x, torch.Tensor)]
 
 
-@pytest.mark.parametrize("name", zoo.NAMES)
+@pytest.mark.parametrize("name", [n for n in zoo.NAMES if n not in TODAYS_DIFFUSION])  # those: test_zoo_diffusion
 def test_no_passes_is_exact_and_keeps_output_type(name):
     zm = zoo.build(name)
     opt = dittofx.optimize(zm.model, [], zm.example_inputs, zm.example_kwargs)

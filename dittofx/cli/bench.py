@@ -184,7 +184,7 @@ def run(args) -> int:
         name = " ".join(specs)
         with progress.stage(f"capture and rewrite: {name}"):
             opt = optimize(loaded.model, specs, loaded.example_inputs, loaded.example_kwargs,
-                           compile=args.runtime == "compile")
+                           compile=args.runtime == "compile", check=args.check)
         if args.runtime == "tensorrt" and opt.stateful:
             raise DittoError(f"--runtime tensorrt cannot run {name}: its state lives outside the graph "
                              f"(PAB's caches); bench PAB with --runtime eager, compile or onnxruntime")

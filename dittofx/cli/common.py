@@ -37,6 +37,9 @@ def add_pass_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--pass", dest="passes", action="append", default=[], metavar="SPEC",
                         help="a pass, e.g. tome:r=16, pab:spatial=2,temporal=4,cross=6, rlt:tau=0.1 (repeatable, "
                              "applied in order)")
+    parser.add_argument("--no-check", dest="check", action="store_false",
+                        help="skip the check that the rewritten model at the passes' exact setting computes what "
+                             "the model does (one forward of each on the example inputs)")
 
 
 def writable(path: str, flag: str) -> str:

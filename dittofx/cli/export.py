@@ -102,7 +102,7 @@ def run_export(args) -> int:
 
         with progress.stage(f"passes: {' '.join(args.passes)}"):
             model = optimize(model, args.passes, example_inputs=loaded.example_inputs,
-                             example_kwargs=loaded.example_kwargs)
+                             example_kwargs=loaded.example_kwargs, check=args.check)
 
     common = dict(opset=args.opset, optimize=args.optimize, rtol=args.rtol)
     if pab:

@@ -21,7 +21,7 @@ def run(args) -> int:
     with progress.stage(f"load {args.model}"):
         loaded = load_model(args)
     with progress.stage("capture and analyse" + (f", run {' '.join(args.passes)}" if args.passes else "")):
-        opt = optimize(loaded.model, args.passes, loaded.example_inputs, loaded.example_kwargs)
+        opt = optimize(loaded.model, args.passes, loaded.example_inputs, loaded.example_kwargs, check=args.check)
     if not opt.report.blocks:
         raise UnsupportedModelError(
             f"no attention found in {args.model} ({opt.report.model}): dittofx rewrites models built from "

@@ -10,9 +10,11 @@ ONNX has no state, so the schedule stays outside the models: for each pattern (w
 compute on a call) the folder holds `pab_<bits>.onnx`, whose inputs are the model's inputs plus the
 cached outputs of the sites that broadcast on that call, and whose outputs are the model's outputs
 plus the fresh outputs of the sites that compute. A broadcast site's attention is not in that file.
-`manifest.json` (runtime/manifest.py) lists the patterns, the rules and the names; `OnnxPABRunner` keeps the caches and
-picks the file per call with the same state machine as the eager graph, so a loop in onnxruntime
-gives the eager loop's outputs.
+`manifest.json` (runtime/manifest.py) lists the patterns, the rules (each site's with the timestep
+scale its window test reads) and the names; `OnnxPABRunner` keeps the caches and picks the file per
+call with the same state machine as the eager graph (generations, guidance branches told apart by
+the conditioning inputs: every input but the timestep and the batch input, which is the latent), so
+a loop in onnxruntime gives the eager loop's outputs.
 
 The weights are stored once, in `weights.bin`, which every pattern file reads as ONNX external data
 (each file also loads on its own); `OnnxPABRunner` maps that file once and hands the same weight
@@ -75,9 +77,10 @@ def pab_graph(module, example_inputs=None, example_kwargs=None) -> tuple[fx.Grap
     return gm, args, kwargs
 
 
-def schedule_patterns(rules: list[Rule], timesteps) -> list[tuple[bool, ...]]:
-    """The patterns one generation over `timesteps` (one call per step) goes through."""
-    state = BroadcastState(rules)
+def schedule_patterns(rules: list[Rule], timesteps, timestep_scale: float = 1.0) -> list[tuple[bool, ...]]:
+    """The patterns one generation over `timesteps` (one call per step, in the model's timestep units)
+    goes through."""
+    state = BroadcastState(rules, timestep_scale)
     seen = []
     for t in timesteps:
         step = state.begin(torch.as_tensor(t), None)
@@ -143,7 +146,7 @@ def export_pab_onnx(module, directory, example_inputs=None, example_kwargs=None,
     directory = check_new_folder(directory, "PAB export")
     schedule = gm.pab
     rules = schedule.rules
-    wanted = schedule_patterns(rules, timesteps) if timesteps is not None else patterns(rules)
+    wanted = patterns(rules) if timesteps is None else schedule_patterns(rules, timesteps, schedule.timestep_scale)
     in_spec, out_spec = graph_specs(gm)
     flat = fx_pytree.tree_flatten_spec((tuple(args), dict(kwargs)), in_spec)
     placeholders = [n.name for n in gm.graph.nodes if n.op == "placeholder"]
@@ -185,7 +188,8 @@ def export_pab_onnx(module, directory, example_inputs=None, example_kwargs=None,
             batch_input=placeholders[schedule.batch_index] if schedule.batch_index is not None else None,
             outputs=n_outputs,
             sites=[{"module": s.module, "kind": s.kind, "range": s.rule.range, "window": list(s.rule.window),
-                    "outputs": n_out[i]} for i, s in enumerate(schedule.sites)],
+                    "outputs": n_out[i], "timestep_scale": schedule.timestep_scale}
+                   for i, s in enumerate(schedule.sites)],
             patterns=entries, weights=weights,
         ).write(tmp)
         publish_folder(tmp, directory)

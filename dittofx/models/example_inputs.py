@@ -48,9 +48,12 @@ def example_inputs_for(
     - transformers: pixel_values (C, H, W) from `image_size`/`num_channels`, (T, C, H, W) when the
       config has `num_frames` (VideoMAE, TimeSformer, ViViT); input_ids (16,) for text models.
     - diffusers: hidden_states from `sample_size`/`in_channels` (+ `video_length` for Latte as
-      (C, F, H, W), `sample_frames` for CogVideoX as (F, C, H, W)); timestep; class_labels (DiT);
-      encoder_hidden_states from `caption_channels`/`text_embed_dim`/`cross_attention_dim`;
-      PixArt's resolution/aspect_ratio and SDXL's text_embeds/time_ids when the model needs them.
+      (C, F, H, W), `sample_frames` for CogVideoX as (F, C, H, W) and Allegro as (C, F, H, W));
+      timestep; class_labels (DiT); encoder_hidden_states from `caption_channels`/`text_embed_dim`/
+      `cross_attention_dim`; pooled_projections; PixArt's resolution/aspect_ratio and SDXL's
+      text_embeds/time_ids when the model needs them; the rotary tables the CogVideoX (rotary) and
+      Allegro pipelines pass. Models whose config states no input size (Wan, HunyuanVideo, Mochi,
+      LTX-Video, Flux, EasyAnimate) need example inputs.
     - anything else: only with `input_shape`.
 
     `input_shape` is the main input's shape WITHOUT the batch dimension; it replaces the inferred
@@ -76,6 +79,8 @@ def example_inputs_for(
     def cast(t):
         if isinstance(t, dict):
             return {k: cast(v) for k, v in t.items()}
+        if isinstance(t, (tuple, list)):
+            return type(t)(cast(v) for v in t)
         if torch.is_tensor(t):
             return t.to(device=device, dtype=dtype if t.is_floating_point() else t.dtype)
         return t
@@ -147,20 +152,30 @@ def _hf_inputs(model, shape, batch, gen):
     return None
 
 
+# schedulers whose pipelines pass float timesteps (flow matching: sigma x 1000; Allegro's Euler); the
+# DDPM / DDIM ones (DiT, PixArt, CogVideoX) pass integers
+_FLOAT_TIMESTEPS = ("SD3Transformer2DModel", "FluxTransformer2DModel", "AllegroTransformer3DModel",
+                    "WanTransformer3DModel", "HunyuanVideoTransformer3DModel", "MochiTransformer3DModel",
+                    "LTXVideoTransformer3DModel", "EasyAnimateTransformer3DModel")
+
+
 def _diffusers_inputs(model, shape, batch, gen):
     cfg = dict(model.config)
+    cls = type(model).__name__  # a model built in code has no `_class_name` in its config
     params = inspect.signature(model.forward).parameters
     names = [n for n, p in params.items() if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)]
     if not names:
         return None
     if shape is None:
-        shape = _diffusers_main_shape(cfg)
+        shape = _diffusers_main_shape(cfg, cls)
         if shape is None:
             return None
     x = torch.randn((batch, *shape), generator=gen)
     kwargs: dict[str, Any] = {}
     if "timestep" in params:
         kwargs["timestep"] = torch.randint(100, 800, (batch,), generator=gen)
+        if cls in _FLOAT_TIMESTEPS:
+            kwargs["timestep"] = kwargs["timestep"].float()
     if cfg.get("norm_type") == "ada_norm_zero":  # DiT: class-conditional adaLN
         n_classes = cfg.get("num_embeds_ada_norm")
     else:
@@ -195,6 +210,10 @@ def _diffusers_inputs(model, shape, batch, gen):
                 "text_embeds": torch.randn((batch, text_dim), generator=gen),
                 "time_ids": torch.randint(0, 1024, (batch, 6), generator=gen).float(),
             }
+    if cls == "CogVideoXTransformer3DModel" and cfg.get("use_rotary_positional_embeddings"):
+        kwargs["image_rotary_emb"] = cogvideox_rotary_emb(cfg, shape[0], *shape[-2:])
+    elif cls == "AllegroTransformer3DModel":
+        kwargs["image_rotary_emb"] = allegro_rotary_emb(cfg, *shape[1:])
     for n, p in params.items():  # a required input we know nothing about: cannot infer
         if n != names[0] and p.default is inspect.Parameter.empty and p.kind not in (p.VAR_POSITIONAL, p.VAR_KEYWORD):
             if n not in kwargs:
@@ -202,10 +221,12 @@ def _diffusers_inputs(model, shape, batch, gen):
     return (x,), kwargs
 
 
-def _diffusers_main_shape(cfg: dict) -> tuple[int, ...] | None:
+def _diffusers_main_shape(cfg: dict, cls: str) -> tuple[int, ...] | None:
     chans = cfg.get("in_channels")
     if not chans:
         return None
+    if cls == "AllegroTransformer3DModel":  # (C, F, H, W), sample_frames in latent frames
+        return (chans, int(cfg["sample_frames"]), int(cfg["sample_height"]), int(cfg["sample_width"]))
     if cfg.get("sample_frames") and cfg.get("sample_height") and cfg.get("sample_width"):  # CogVideoX: (F, C, H, W)
         ratio = int(cfg.get("temporal_compression_ratio") or 4)
         frames = (int(cfg["sample_frames"]) - 1) // ratio + 1
@@ -215,6 +236,52 @@ def _diffusers_main_shape(cfg: dict) -> tuple[int, ...] | None:
         return None
     if cfg.get("video_length"):  # Latte: (C, F, H, W)
         return (chans, int(cfg["video_length"]), *hw)
-    if any(k in cfg for k in ("num_frames", "sample_frames", "patch_size_t")) or "3D" in cfg.get("_class_name", ""):
+    if any(k in cfg for k in ("num_frames", "sample_frames", "patch_size_t")) or "3D" in cls:
         return None  # a video model whose layout we do not know
     return (chans, *hw)
+
+
+# -- rotary tables that diffusers pipelines build and pass to the transformer --------------------
+
+
+def cogvideox_rotary_emb(config, frames: int, height: int, width: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(cos, sin) for a CogVideoX transformer with rotary embeddings (5B, 1.5) on `frames` latent frames
+    of `height` x `width` latents, as CogVideoXPipeline._prepare_rotary_positional_embeddings builds them."""
+    from diffusers.models.embeddings import get_3d_rotary_pos_embed
+
+    p, p_t = int(config["patch_size"]), config.get("patch_size_t")
+    grid = (height // p, width // p)
+    base_h, base_w = int(config["sample_height"]) // p, int(config["sample_width"]) // p
+    dim = int(config["attention_head_dim"])
+    if p_t is None:  # CogVideoX 1.0 / 5B
+        return get_3d_rotary_pos_embed(dim, _resize_crop_region(grid, base_w, base_h), grid, frames)
+    return get_3d_rotary_pos_embed(dim, None, grid, (frames + p_t - 1) // p_t, grid_type="slice",
+                                   max_size=(base_h, base_w))
+
+
+def _resize_crop_region(src: tuple[int, int], tgt_width: int, tgt_height: int):
+    """diffusers' cogvideo.pipeline_cogvideox.get_resize_crop_region_for_grid (importing the pipeline
+    module loads the text encoders' code: seconds)."""
+    h, w = src
+    if h / w > tgt_height / tgt_width:
+        resize_height, resize_width = tgt_height, int(round(tgt_height / h * w))
+    else:
+        resize_width, resize_height = tgt_width, int(round(tgt_width / w * h))
+    top, left = int(round((tgt_height - resize_height) / 2.0)), int(round((tgt_width - resize_width) / 2.0))
+    return (top, left), (top + resize_height, left + resize_width)
+
+
+def allegro_rotary_emb(config, frames: int, height: int, width: int):
+    """((freqs_t, freqs_h, freqs_w), (grid_t, grid_h, grid_w)) for an Allegro transformer on `frames`
+    latent frames of `height` x `width` latents, as AllegroPipeline._prepare_rotary_positional_embeddings."""
+    from diffusers.models.embeddings import get_3d_rotary_pos_embed_allegro
+
+    p = int(config["patch_size"])
+    grid = (height // p, width // p)
+    scale = (config["interpolation_scale_t"], config["interpolation_scale_h"], config["interpolation_scale_w"])
+    freqs_t, freqs_h, freqs_w, grid_t, grid_h, grid_w = get_3d_rotary_pos_embed_allegro(
+        embed_dim=int(config["attention_head_dim"]), crops_coords=((0, 0), grid), grid_size=grid,
+        temporal_size=frames, interpolation_scale=scale)
+    pos = torch.cartesian_prod(grid_t.long(), grid_h.long(), grid_w.long())
+    pos = pos.reshape(-1, 3).transpose(0, 1).reshape(3, 1, -1).contiguous()
+    return (freqs_t, freqs_h, freqs_w), tuple(pos)

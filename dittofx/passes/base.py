@@ -65,6 +65,7 @@ class Pass:
     needs_attention: ClassVar[bool] = True  # refuse a model with no attention before running
     may_apply_nowhere: ClassVar[bool] = False  # runs (and notes it) even when check() refuses every block
     listed: ClassVar[bool] = True  # named in reports ("passes:", the passes that would apply per block)
+    exact_setting: ClassVar[str] = ""  # what `exact()` means, for messages (default: its spec)
 
     def check(self, analysis: Analysis, block: Block) -> str | None:
         """None if the pass would rewrite `block`, else one line saying why not."""
@@ -72,6 +73,11 @@ class Pass:
 
     def run(self, ctx: PassContext) -> PassResult:
         raise NotImplementedError
+
+    def exact(self) -> Pass:
+        """This pass at the setting where the rewritten model must compute exactly what the original does
+        (passes/exact.py checks it): `self` when its rewrite is exact as given (on its first call)."""
+        return self
 
     @classmethod
     def option_names(cls) -> list[str]:

@@ -11,14 +11,18 @@ What it guarantees, in order:
 3. For each pass: a model with no attention, or one whose every block the pass's `check()` refuses,
    is the user's input: one UnsupportedModelError line with the first refusal.
 4. After each pass that changed the graph: lint, dead-code removal, recompile, and a fresh run of the
-   metadata (fake tensors) over the example. A failure there is the pass's bug, not the user's:
-   InternalError naming the pass. Then the analysis runs again for the next pass, and the report
-   takes the pass's notes.
+   metadata (fake tensors) over the example. A failure there (or a raw exception from the pass) is
+   the pass's bug, not the user's: InternalError naming the pass. Then the analysis runs again for
+   the next pass, and the report takes the pass's notes. An analysis that fails on a graph is one
+   UnsupportedModelError line naming the model.
+
+After the pipeline, `optimize()` checks the result at the passes' exact setting (passes/exact.py).
 """
 
 from __future__ import annotations
 
-from dittofx.errors import PassSpecError, UnsupportedModelError, internal_error
+from dittofx import runtime
+from dittofx.errors import DittoError, PassSpecError, UnsupportedModelError, first_line, internal_error
 from dittofx.passes.base import Pass, PassContext
 from dittofx.passes.sdpa import CanonicalizeAttention
 from dittofx.passes.spec import REGISTRY, pass_class
@@ -52,14 +56,19 @@ class PassManager:
     def run(self, model, cap: Capture):
         """Run the pipeline over the captured graph; returns (graph module, report)."""
         gm = cap.graph_module
-        analysis = analyze(gm, cap.batched_inputs)
+        analysis = _analyze(model, cap)
         report = describe(model, cap, analysis)
         for i, p in enumerate(self.passes):
             self._applies(p, model, analysis)
-            result = p.run(PassContext(gm, cap, analysis, model, later=list(self.passes[i + 1:])))
+            try:
+                result = p.run(PassContext(gm, cap, analysis, model, later=list(self.passes[i + 1:])))
+            except DittoError:
+                raise
+            except Exception as e:
+                raise internal_error(f"pass {p.spec()!r} failed on {type(model).__name__}", e) from e
             if result.changed:
                 self._after(p, gm, cap)
-                analysis = analyze(gm, cap.batched_inputs)
+                analysis = _analyze(model, cap)
                 report = describe(model, cap, analysis, report)
             for block, notes in result.block_notes.items():
                 try:
@@ -94,9 +103,23 @@ class PassManager:
             remove_dead(gm)
             gm.recompile()
             refresh_meta(gm, cap.flat_inputs())
+            runtime.reset(gm)  # a refresh may have run the graph once
         except Exception as e:
             raise internal_error(f"pass {p.spec()!r} produced a graph that does not run on the example inputs", e) \
                 from e
+
+
+def _analyze(model, cap: Capture) -> Analysis:
+    """The analysis of the captured graph; where it fails on a graph it does not understand, one
+    UnsupportedModelError line naming the model and the cause (never a raw torch exception)."""
+    try:
+        return analyze(cap.graph_module, cap.batched_inputs)
+    except DittoError:
+        raise
+    except Exception as e:
+        raise UnsupportedModelError(
+            f"dittofx could not analyse the captured graph of {type(model).__name__}: {first_line(e)}. Please "
+            f"report this model to the dittofx developers") from e
 
 
 def describe(model, cap: Capture, analysis: Analysis, previous: Report | None = None) -> Report:

@@ -11,14 +11,20 @@ index % range == 0. What is cached is the attention module's output, after the o
 
 The kind of each attention comes from the graph (`rewriter.analysis`: what the sequence axis is made
 of, where keys and values come from), not from module names: joint text-video attention (CogVideoX)
-uses the spatial range and window, as VideoSys does. With `mlp=range`, the feed-forward output of
+uses the spatial range and window, as VideoSys does; so does attention over tokens the graph cannot
+split into frames and rows (a Linear over packed latents: Flux, LTX-Video), as diffusers does, with
+the reason in the report. Each attention module is one site with one cache, as in diffusers' hook
+(Mochi runs one SDPA per sample inside one module). With `mlp=range`, the feed-forward output of
 each block is broadcast too, with the same rule over `timestep_window`. A range of None leaves that
 kind untouched; a range of 1 wraps it but always computes (the no-op switch).
 
 The timestep is the model's own timestep input, read at run time, so that
 `pipe.transformer = dittofx.optimize(pipe.transformer, ["pab"], ...)` works in any diffusers
-pipeline loop (windows are in the units of that input: 0-1000 for DDPM-style models; a model fed
-t / 1000 wants e.g. (0.1, 0.8)). Generations, guidance branches and caches are handled in
+pipeline loop. Windows are in the units of the model's time embedding: the timestep input times the
+factor the model applies before its sinusoidal embedding (`Analysis.timestep_scale`: Flux is fed
+t / 1000 and multiplies by 1000, so (100, 800) means what it means for the pipeline). A pipeline
+that feeds reversed timesteps (Mochi's: its `current_timestep` is 1000 - t) needs the mirrored
+window: (200, 900) for diffusers' (100, 800). Generations, guidance branches and caches are handled in
 `dittofx.runtime.pab` (a `StatefulModule`), which also runs the result compiled
 (`optimize(..., compile=True)`) and exported (`dittofx.exporters.onnx_pab`): on a broadcast step
 the attention is not computed in any of them. PAB runs last (the pass manager checks it): it moves
@@ -69,6 +75,7 @@ class PAB(Pass):
     name: ClassVar[str] = "pab"
     runs_last: ClassVar[bool] = True
     may_apply_nowhere: ClassVar[bool] = True  # ranges for kinds the model lacks leave it as is, noted
+    exact_setting: ClassVar[str] = "its first call, which computes every attention"
 
     spatial: int | None = shown(2)
     temporal: int | None = shown(4)
@@ -125,23 +132,32 @@ class PAB(Pass):
             raise PassSpecError("pab: the graph already has PAB applied; give the pass once")
         placeholders = [n for n in gm.graph.nodes if n.op == "placeholder"]
         t_index = placeholders.index(analysis.timestep_input)
-        batched = sorted(i for i in ctx.capture.batched_inputs if i != t_index) or sorted(ctx.capture.batched_inputs)
-        b_index = batched[0] if batched else None
-        schedule = PyramidBroadcast(t_index, b_index)
+        # the input being denoised (its batch is the branch's batch), else the first batched input
+        batched_inputs = ctx.capture.batched_inputs
+        latent = placeholders.index(analysis.latent_input) if analysis.latent_input in placeholders else None
+        if latent not in batched_inputs:
+            batched = sorted(i for i in batched_inputs if i != t_index) or sorted(batched_inputs)
+            latent = batched[0] if batched else None
+        schedule = PyramidBroadcast.of_inputs(placeholders, t_index, latent, analysis.timestep_scale)
         gm.add_submodule("pab", schedule)
-        with gm.graph.inserting_after(placeholders[-1]):  # step = pab(timestep, x): decides every site
-            step = gm.graph.call_module(
-                "pab", (analysis.timestep_input,) + ((placeholders[b_index],) if b_index is not None else ()))
+        with gm.graph.inserting_after(placeholders[-1]):  # step = pab(t, x, *conditioning): decides every site
+            step = gm.graph.call_module("pab", schedule.gate_inputs(placeholders))
 
         wrapped = 0
         for block in analysis.blocks:
-            for site in block.sites:
-                rule = self.rule(site.kind)
-                if rule is None:
-                    result.note(block.name, f"pab: {site.module} ({site.kind}) left as is")
+            for module, sites in _by_module(block.sites).items():
+                kind = sites[0].kind
+                rule = self.rule(kind)
+                for site in sites:
+                    if site.kind_note:
+                        result.note(block.name, f"pab: {module}: {site.kind_note}")
+                if rule is None or any(self.rule(s.kind) != rule for s in sites):
+                    kinds = "+".join(sorted({s.kind for s in sites}))
+                    result.note(block.name, f"pab: {module} ({kinds}) left as is")
                     continue
-                region = exclusive_cone([site.node], site.module, descendants_of=site.node)
-                if self._wrap(gm, schedule, step, region, site.module, site.kind, rule, result, block.name):
+                nodes = [s.node for s in sites]  # one module, one cache: as diffusers' hook, per module
+                region = exclusive_cone(nodes, module, descendants_of=nodes)
+                if self._wrap(gm, schedule, step, region, module, kind, rule, result, block.name):
                     wrapped += 1
             mlp = self.rule("mlp")
             if mlp is not None and block.mlp_residual is not None:
@@ -175,3 +191,11 @@ class PAB(Pass):
         lo, hi = rule.window
         result.note(block, f"pab: {module} {kind} range {rule.range} in ({lo:g}, {hi:g})")
         return True
+
+
+def _by_module(sites: list) -> dict[str, list]:
+    """Sites grouped by attention module (Mochi runs one SDPA per sample inside one module)."""
+    groups: dict[str, list] = {}
+    for site in sites:
+        groups.setdefault(site.module, []).append(site)
+    return groups

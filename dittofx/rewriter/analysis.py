@@ -1,8 +1,10 @@
 """Find the attention blocks of a captured graph, shared by all passes.
 
 For every `aten.scaled_dot_product_attention` node: the attention module and its output (after the
-output projection), the kind of sequence it runs over, the residual adds that close its sub-blocks,
-the token axis of the residual stream and its prefix tokens. Everything comes from the graph (data
+output projection), the kind of sequence it runs over (with a note where that kind is a default the
+graph cannot confirm), the residual adds that close its sub-blocks, the token axis of the residual
+stream and its prefix tokens. For the model: its timestep input and the constant it scales it by
+before the time embedding, and its latent input (what it denoises). Everything comes from the graph (data
 flow and axis provenance, see `axes.py`); module names are only used to name things for people.
 
 Below `analyze`, the structural questions passes ask of a block or a site: where its q/k/v
@@ -49,6 +51,7 @@ class AttentionSite:
     output: fx.Node  # the attention module's output: after the output projection
     residual: fx.Node | None  # the add of that output into the residual stream
     seq_axis: ax.Axis = ax.EMPTY
+    kind_note: str | None = None  # why the kind is a default where the graph cannot tell (for the report)
 
     @property
     def is_self(self) -> bool:
@@ -81,6 +84,8 @@ class Analysis:
     axes: ax.AxisMap
     patch_embeddings: list[fx.Node]
     timestep_input: fx.Node | None = None
+    latent_input: fx.Node | None = None  # the placeholder the model denoises (`_latent_input`)
+    timestep_scale: float = 1.0  # the constant the model multiplies its timestep by before the sin/cos embedding
 
     @property
     def sites(self) -> list[AttentionSite]:
@@ -101,21 +106,45 @@ def _in_scope(node: fx.Node, module: str) -> bool:
 
 
 
-def _first_linear_after(node: fx.Node) -> fx.Node | None:
-    """Follow the SDPA output through views and transposes to the output projection."""
+def _first_linear_after(node: fx.Node, amap: ax.AxisMap) -> fx.Node | None:
+    """Follow the SDPA output through views and transposes to the output projection. Where it is split
+    into streams each with its own projection (Flux, HunyuanVideo, SD3: text and image), the image
+    stream's: the one whose tokens carry the patch grid, else the largest."""
     count = iter(range(64))  # the projection is a few ops away; do not walk the whole graph
-    return next((user for user in users_breadth_first(node, lambda n: next(count, None) is not None)
-                 if user.target in PROJECTIONS), None)
+    found = [user for user in users_breadth_first(
+        node, lambda n: n.target not in PROJECTIONS and next(count, None) is not None) if user.target in PROJECTIONS]
+    return max(found, default=None, key=lambda n: (any(a.grid for a in amap[n][:-1]), math.prod(ax.shape_of(n) or ())))
 
 
-def _attention_module(sdpa: fx.Node) -> tuple[str, fx.Node | None]:
-    """The smallest module holding both the SDPA and the output projection after it."""
-    proj = _first_linear_after(sdpa)
+def _nearest_projection_before(node: fx.Node) -> fx.Node | None:
+    """The projection nearest before `node` (through head splits, norms and rotary embeddings)."""
+    todo, seen = [node], {node}
+    while todo and len(seen) < 64:
+        n = todo.pop(0)
+        if n.target in PROJECTIONS:
+            return n
+        for a in n.all_input_nodes:
+            if a not in seen:
+                seen.add(a)
+                todo.append(a)
+    return None
+
+
+def _attention_module(sdpa: fx.Node, amap: ax.AxisMap) -> tuple[str, fx.Node | None]:
+    """The smallest module holding both the SDPA and the output projection after it; or, where that
+    projection lies outside the module of the query projection and the SDPA (an attention without an
+    output projection: Flux's and HunyuanVideo's single-stream blocks project attention and MLP
+    together), that module."""
+    proj = _first_linear_after(sdpa, amap)
     paths = module_path(sdpa)
+    q_proj = _nearest_projection_before(sdpa.args[0])
+    inner = [p for p in paths if q_proj is not None and p in set(module_path(q_proj))]
     if proj is not None:
         proj_paths = set(module_path(proj))
         common = [p for p in paths if p in proj_paths]
         if common:
+            if inner and len(inner) > len(common) and inner[:len(common)] == common:
+                return inner[-1], proj
             return common[-1], proj
     return (paths[-1] if paths else ""), proj
 
@@ -156,14 +185,16 @@ def _block_name(residual: fx.Node | None, attention_module: str) -> str:
 
 def classify(q_axis: ax.Axis, k_axis: ax.Axis, video_inputs: set[str]) -> str:
     """spatial: the patch grid's rows and columns; temporal: frames only; joint: both, or the grid
-    plus other tokens (text); cross: keys and values come from another sequence."""
-    if {lab for lab in k_axis.labels if lab.kind != "batch"} != {lab for lab in q_axis.labels if lab.kind != "batch"}:
-        return "cross"
+    plus other tokens (text); cross: visual queries, keys and values from another sequence. Packed latent tokens
+    (`grid_packed`: frames and rows cannot be told apart) count as spatial, as diffusers' default."""
     labels = [lab for lab in q_axis.labels if lab.kind != "batch"]
-    spatial = any(lab.kind in ("grid_h", "grid_w") for lab in labels)
-    temporal = any(lab.kind == "grid_t" or (lab.kind == "input" and lab.name.split(".")[0] in video_inputs)
-                   for lab in labels)
-    other = any(lab.kind == "input" and lab.name.split(".")[0] not in video_inputs for lab in labels)
+    spatial = any(lab.kind in ("grid_h", "grid_w", "grid_packed") for lab in labels)
+    temporal = any(lab.kind == "grid_t" or (lab.kind == "input" and lab.input_name in video_inputs) for lab in labels)
+    other = any(lab.kind == "input" and lab.input_name not in video_inputs for lab in labels)
+    if {lab for lab in k_axis.labels if lab.kind != "batch"} != set(labels):
+        # the visual tokens reading another sequence; queries of no visual token (an attention pool
+        # over the text, Mochi's) are not a cross attention of the model
+        return "cross" if spatial or temporal else "other"
     if spatial and not temporal and not other:
         return "spatial"
     if temporal and not spatial and not other:
@@ -173,36 +204,57 @@ def classify(q_axis: ax.Axis, k_axis: ax.Axis, video_inputs: set[str]) -> str:
     return "other"
 
 
+def kind_note(kind: str, q_axis: ax.Axis, latent: str | None, video_inputs: set[str]) -> str | None:
+    """Why a site got its kind where the graph cannot tell more: packed latent tokens take the spatial
+    range; a self-attention over conditioning tokens only has no range."""
+    labels = [lab for lab in q_axis.labels if lab.kind != "batch"]
+    if kind in ("spatial", "joint") and any(lab.kind == "grid_packed" for lab in labels):
+        others = sorted({lab.input_name for lab in labels if lab.kind == "input"} - {latent})
+        what = f"tokens of {', '.join(others)} and of the packed latent input {latent}" if others \
+            else f"tokens of the packed latent input {latent}"
+        return f"{what}: frames and rows cannot be told apart; spatial range (diffusers' default)"
+    if kind == "other" and labels and not any(lab.is_grid for lab in labels):
+        inputs = sorted({lab.input_name for lab in labels if lab.kind == "input"} - video_inputs)
+        if inputs:
+            return f"self-attention over tokens of {', '.join(inputs)} only, none of the latent: no broadcast range"
+    return None
+
+
 def analyze(gm: fx.GraphModule, batched_inputs: set[int] | None = None) -> Analysis:
-    amap = ax.propagate(gm, batched_inputs)
+    latent = _latent_input(gm)
+    amap = ax.propagate(gm, batched_inputs, latent)
     order = {n: i for i, n in enumerate(gm.graph.nodes)}
-    # inputs that feed a patch embedding are the visual inputs; their non-batch axes are frames
-    video_inputs = set()
+    # the visual inputs: the latent, what a Linear patchifies or packs, and what a convolution reads
+    # with frames folded into its batch (Latte, CogVideoX); their axes not made tokens are frames
+    video_inputs = set(amap.embedded_inputs) | ({latent.name} if latent is not None else set())
     for conv in amap.patch_embeddings:
         for lab in amap[conv][0].labels:
             if lab.kind == "input":
-                video_inputs.add(lab.name.split(".")[0])
+                video_inputs.add(lab.input_name)
     blocks: dict[str, Block] = {}
     for node in gm.graph.nodes:
         if node.target is not SDPA:
             continue
         q, k, v = node.args[:3]
         q_shape, k_shape = ax.shape_of(q), ax.shape_of(k)
-        module, proj = _attention_module(node)
+        module, proj = _attention_module(node, amap)
         residual = _residual_add(proj if proj is not None else node, node)
         output = _module_output(node, module, residual, order)
         q_axis, k_axis = amap.axis_of(q, -2), amap.axis_of(k, -2)
+        kind = classify(q_axis, k_axis, video_inputs)
         site = AttentionSite(
-            node=node, module=module, kind=classify(q_axis, k_axis, video_inputs), query=q, key=k, value=v,
+            node=node, module=module, kind=kind, query=q, key=k, value=v,
             heads=q_shape[-3] if len(q_shape) >= 4 else 1, tokens=q_shape[-2], kv_tokens=k_shape[-2],
-            output=output, residual=residual, seq_axis=q_axis)
+            output=output, residual=residual, seq_axis=q_axis, kind_note=kind_note(kind, q_axis, amap.latent,
+                                                                                   video_inputs))
         name = _block_name(residual, module)
         block = blocks.setdefault(name, Block(name))
         block.sites.append(site)
     for block in blocks.values():
         _stream_facts(block, amap)
         block.mlp_residual = _mlp_residual(block)
-    return Analysis(list(blocks.values()), amap, amap.patch_embeddings, _timestep_input(gm))
+    timestep = _timestep_input(gm)
+    return Analysis(list(blocks.values()), amap, amap.patch_embeddings, timestep, latent, _timestep_scale(gm, timestep))
 
 
 def _stream_facts(block: Block, amap: ax.AxisMap) -> None:
@@ -220,23 +272,128 @@ def _stream_facts(block: Block, amap: ax.AxisMap) -> None:
 
 
 def _mlp_residual(block: Block) -> fx.Node | None:
-    """The add after the block's last attention residual that closes the feed-forward sub-block."""
+    """The add after the block's last attention residual, inside the block, that closes the feed-forward
+    sub-block (none in a block that adds attention and MLP at once: the next add is the next block's)."""
     stream = block.stream
     if stream is None:
         return None
     residuals = {s.residual for s in block.sites}
-    return next((user for user in stream.users
-                 if user.target in ADDS and stream in user.args[:2] and user not in residuals), None)
+    names = _same_values(stream)
+    return next((user for name in names for user in name.users if user.target in ADDS and name in user.args[:2]
+                 and user not in residuals and _in_scope(user, block.name)), None)
+
+
+_CASTS = {aten.to.dtype, aten._to_copy.default, aten.alias.default}
+
+
+def _same_values(node: fx.Node) -> list[fx.Node]:
+    """`node` and the casts to its own dtype after it: the same tensor, which later code may name by a
+    cast (Mochi's RMSNorm casts the residual stream to float32 in place of the block's variable)."""
+    names, todo = [node], [node]
+    dtype = getattr(node.meta.get("val"), "dtype", None)
+    while todo:
+        current = todo.pop()
+        for user in current.users:
+            if user.target in _CASTS and user.args[0] is current and ax.shape_of(user) == ax.shape_of(node) \
+                    and getattr(user.meta.get("val"), "dtype", None) == dtype:
+                names.append(user)
+                todo.append(user)
+    return names
 
 
 def _timestep_input(gm: fx.GraphModule) -> fx.Node | None:
-    """The placeholder that feeds a sinusoidal embedding (sin/cos of input * frequencies)."""
+    """The placeholder that feeds a sinusoidal embedding (sin/cos of input * frequencies). Where several
+    do (HunyuanVideo and Flux embed the guidance scale the same way), the one forward() calls a
+    timestep; else the first."""
     placeholders = [n for n in gm.graph.nodes if n.op == "placeholder"]
     trig = [n for n in gm.graph.nodes if n.target in (aten.sin.default, aten.cos.default)]
-    for ph in placeholders:
-        if any(t in descendants(ph) for t in trig):
-            if isinstance(ph.meta.get("val"), torch.Tensor) and ph.meta["val"].dim() <= 1:
-                return ph
+    found = [ph for ph in placeholders if isinstance(ph.meta.get("val"), torch.Tensor) and ph.meta["val"].dim() <= 1
+             and any(t in descendants(ph) for t in trig)]
+    return next((ph for ph in found if "timestep" in ph.name), found[0] if found else None)
+
+
+def _latent_input(gm: fx.GraphModule) -> fx.Node | None:
+    """The placeholder the model denoises: a tensor input shaped like the model's first output, up to
+    one axis (the channels: Latte and DiT predict a variance too). An exact match wins. None for a
+    model whose output is not shaped like an input (a classifier's logits)."""
+    outputs = []
+    for out in gm.graph.find_nodes(op="output"):
+        fx.node.map_arg(out.args, outputs.append)
+    first = next((ax.shape_of(n) for n in outputs if ax.shape_of(n) is not None), None)
+    if first is None or len(first) < 3:
+        return None
+    near = None
+    for ph in gm.graph.find_nodes(op="placeholder"):
+        shape = ax.shape_of(ph)
+        if shape is None or len(shape) != len(first) or not ph.meta["val"].is_floating_point():
+            continue
+        differ = sum(a != b for a, b in zip(shape, first))
+        if differ == 0:
+            return ph
+        if differ == 1 and near is None:
+            near = ph
+    return near
+
+
+# between the timestep input and its sinusoidal embedding: casts, views and the batch broadcast
+_TIME_PATH = {aten.to.dtype, aten.to.dtype_layout, aten._to_copy.default, aten.unsqueeze.default, aten.view.default,
+              aten.reshape.default, aten._unsafe_view.default, aten.expand.default, aten.slice.Tensor,
+              aten.select.int, aten.clone.default, aten.contiguous.default, aten.flatten.using_ints,
+              aten.squeeze.dim, aten.squeeze.default, aten.repeat.default, aten.repeat_interleave.self_int,
+              aten.alias.default, aten.detach.default, aten.type_as.default}
+_MULS = {aten.mul.Tensor, aten.mul.Scalar}
+_DIVS = {aten.div.Tensor, aten.div.Scalar}
+
+
+def _timestep_scale(gm: fx.GraphModule, timestep: fx.Node | None) -> float:
+    """The constant the model multiplies its timestep input by on the way to the sin/cos embedding
+    (Flux is fed t / 1000 and multiplies by 1000): the product of the scalar multiplies and divides
+    met walking from the input through casts, views and the multiply by the frequencies. 1.0 where
+    there is none or the path is not of that form."""
+    if timestep is None:
+        return 1.0
+    todo, seen = [(timestep, 1.0)], set()
+    while todo:
+        node, scale = todo.pop(0)
+        for user in node.users:
+            if user.target in (aten.sin.default, aten.cos.default):
+                return scale
+            factor = _time_factor(gm, user, node)
+            if factor is not None and (user, scale * factor) not in seen:
+                seen.add((user, scale * factor))
+                todo.append((user, scale * factor))
+    return 1.0
+
+
+def _time_factor(gm: fx.GraphModule, user: fx.Node, node: fx.Node) -> float | None:
+    """What `user` multiplies the timestep values in `node` by: 1 for a cast or view and for the
+    frequencies (a tensor of many values), the constant for a scalar multiply or divide; None for
+    anything else."""
+    if not user.args or user.args[0] is not node and user.target not in _MULS:
+        return None
+    if user.target in _TIME_PATH:
+        return 1.0
+    others = [a for a in user.args[:2] if a is not node]
+    if len(others) != 1:
+        return None
+    other = _constant(gm, others[0])
+    if user.target in _MULS:
+        if other is not None:
+            return other
+        return 1.0 if isinstance(others[0], fx.Node) and math.prod(ax.shape_of(others[0]) or (1,)) > 1 else None
+    if user.target in _DIVS and other:
+        return 1.0 / other
+    return None
+
+
+def _constant(gm: fx.GraphModule, value) -> float | None:
+    """A Python number, or a one-element constant tensor of the graph, as a float."""
+    if isinstance(value, (int, float)) and not isinstance(value, bool):
+        return float(value)
+    if isinstance(value, fx.Node) and value.op == "get_attr":
+        tensor = getattr(gm, value.target, None)
+        if isinstance(tensor, torch.Tensor) and tensor.numel() == 1:
+            return float(tensor)
     return None
 
 

@@ -7,6 +7,11 @@ register or text tokens). Channel-like axes carry no label. This one forward wal
 structural question the passes ask: is an attention over space, time, both, or another sequence;
 which axis of the residual stream holds the tokens; how many prefix tokens there are; and which
 literal sizes in reshapes, views and expands are token counts.
+
+Patch embeddings are a convolution, or a Linear over raw input values: over patchified ones (a
+reshape splits input axes into (grid, patch) and the patch parts go to the features: the grid parts
+become frames / rows / columns), or over the packed latent (Flux, LTX-Video: one token axis whose
+frames and rows the graph cannot tell apart, labelled `grid_packed`).
 """
 
 from __future__ import annotations
@@ -18,20 +23,38 @@ from dataclasses import dataclass, field
 import torch
 from torch import fx
 
+from dittofx._torch_compat import symint_example
+
 aten = torch.ops.aten
 
 
 @dataclass(frozen=True)
 class Label:
-    """One source of extent: `kind` is batch | input | grid_t | grid_h | grid_w; `size` its extent."""
+    """One source of extent: `kind` is batch | input | grid_t | grid_h | grid_w | grid_packed; `size` its
+    extent. An input axis that a reshape splits into several axes gives each part its own label whose
+    `parent` is the input axis (a patchify: (frames, height, width) into (grid, patch) parts)."""
 
     kind: str
     name: str
     size: int
+    parent: Label | None = None
 
     @property
     def is_grid(self) -> bool:
         return self.kind.startswith("grid")
+
+    @property
+    def root(self) -> Label:
+        """The input axis this label was split from (itself when it was not)."""
+        lab = self
+        while lab.parent is not None:
+            lab = lab.parent
+        return lab
+
+    @property
+    def input_name(self) -> str | None:
+        """The placeholder an input label comes from."""
+        return self.root.name.split(".")[0] if self.kind == "input" else None
 
     def __repr__(self) -> str:
         return f"{self.kind}:{self.name}({self.size})"
@@ -61,7 +84,11 @@ class AxisMap:
 
     tensors: dict[fx.Node, object] = field(default_factory=dict)
     symbols: dict[fx.Node, Axis] = field(default_factory=dict)
-    patch_embeddings: list[fx.Node] = field(default_factory=list)
+    patch_embeddings: list[fx.Node] = field(default_factory=list)  # convolutions
+    latent: str | None = None  # the placeholder the model denoises (see `analysis.latent_input`)
+    # Linears that embed raw input values: "patches" (over a patchified input) or "packed" (the packed latent)
+    token_embeddings: dict[fx.Node, str] = field(default_factory=dict)
+    embedded_inputs: set[str] = field(default_factory=set)  # the inputs those Linears patchify or pack
 
     def __getitem__(self, node: fx.Node) -> Axes:
         value = self.tensors.get(node)
@@ -83,9 +110,10 @@ def shape_of(node) -> tuple[int, ...] | None:
 
 
 def size_hint(size) -> int:
-    """A size as an int: a symbolic size by its example value."""
+    """A size as an int: a symbolic size by its example value (a data-dependent one by the value the
+    capture recorded for it on the example inputs)."""
     if isinstance(size, torch.SymInt):
-        return size.node.hint if size.node.has_hint() else size.node.shape_env.size_hint(size.node.expr)
+        return symint_example(size)
     return int(size)
 
 
@@ -170,6 +198,10 @@ def reshape_axes(in_axes: Axes, ins: tuple[int, ...], outs: tuple[int, ...]) -> 
             continue
         labels = [lab for d in gi for lab in in_axes[d].labels]
         split = _split_labels(labels, [outs[d] for d in go]) if labels else None
+        if split is None and len(labels) == 1 and labels[0].kind == "input" and len(real_in) == 1 \
+                and ins[real_in[0]] == labels[0].size:  # one input axis cut into parts (a patchify)
+            split = [Axis((Label("input", f"{labels[0].name}/{i}", outs[d], labels[0]),)) if outs[d] != 1 else EMPTY
+                     for i, d in enumerate(go)]
         if split is None:  # unlabelled factors mixed in: every output dim carries the whole group
             split = [Axis(tuple(labels)) if outs[d] != 1 else EMPTY for d in go]
         for d, ax in zip(go, split):
@@ -219,9 +251,10 @@ def same_as_first_input(node: fx.Node, axes: AxisMap):
     return axes.tensors.get(node.args[0], ())
 
 
-def propagate(gm: fx.GraphModule, batched_inputs: set[int] | None = None) -> AxisMap:
-    """Label every axis of every node. `batched_inputs`: indices of placeholders whose dim 0 is the batch."""
-    amap = AxisMap()
+def propagate(gm: fx.GraphModule, batched_inputs: set[int] | None = None, latent: fx.Node | None = None) -> AxisMap:
+    """Label every axis of every node. `batched_inputs`: indices of placeholders whose dim 0 is the batch;
+    `latent`: the placeholder the model denoises (a Linear over its raw values makes packed tokens)."""
+    amap = AxisMap(latent=latent.name if latent is not None else None)
     placeholder_index = 0
     for node in gm.graph.nodes:
         if node.op == "placeholder":
@@ -295,7 +328,7 @@ def _rule(node: fx.Node, amap: AxisMap):
                      for i, k in enumerate(kinds))
         return (a0[0], EMPTY) + grid
     if target is aten.linear.default:
-        return a0[:-1] + (EMPTY,)
+        return _linear(node, amap, a0)
     if target in (aten.matmul.default, aten.bmm.default, aten.mm.default, aten.einsum.default):
         if target is aten.einsum.default:
             return None
@@ -341,6 +374,16 @@ def _rule(node: fx.Node, amap: AxisMap):
         return tuple(out)
     if target in (aten.cat.default, aten.concat.default):
         return _cat(node, amap)
+    if target is aten.stack.default:  # a new axis at `dim`; the operands' axes merged (rotary: real, imaginary)
+        rank = len(shape)
+        d = _norm_dim(args[1] if len(args) > 1 else 0, rank)
+        merged = _broadcast(*[amap[t] for t in args[0] if amap[t]], rank=rank - 1)
+        return merged[:d] + (EMPTY,) + merged[d:] if len(merged) == rank - 1 else None
+    if target is aten.index.Tensor:  # one axis indexed by a 1-D index (Mochi's valid text tokens): its labels stay
+        index = [i for i in args[1] if i is not None]
+        if len(index) == 1 and len(shape_of(index[0]) or ()) == 1 and len(shape) == len(a0):
+            return a0
+        return None
     if target in (aten.select.int,):
         d = _norm_dim(args[1], len(a0))
         return a0[:d] + a0[d + 1:]
@@ -373,6 +416,72 @@ def _rule(node: fx.Node, amap: AxisMap):
     if target is aten.embedding.default:
         return amap[args[1]] + (EMPTY,)
     return None
+
+
+def _dim_of(root: Label) -> int:
+    return int(root.name.split(".")[1])
+
+
+def _linear(node: fx.Node, amap: AxisMap, a0: Axes) -> Axes:
+    """A Linear's output: the input's axes but the features. Over raw input values (its features carry
+    an input axis) it is a patch embedding: over a patchified input, the input axes split between the
+    tokens and the features are the grid (the last two rows and columns, one before them frames);
+    over the packed latent, each latent axis of the tokens is one `grid_packed` axis."""
+    plain = a0[:-1] + (EMPTY,)
+    if not a0:
+        return plain
+    raw = {lab.root for lab in a0[-1].labels if lab.kind == "input"}
+    if not raw:
+        return plain
+    tokens = a0[:-1]
+    in_tokens = [lab for axis in tokens for lab in axis.labels if lab.kind == "input"]
+    split: dict[str, list[Label]] = {}
+    for root in dict.fromkeys(lab.root for lab in in_tokens if lab.parent is not None and lab.root in raw):
+        split.setdefault(root.input_name, []).append(root)
+    patched = next((roots for roots in split.values() if len(roots) >= 2), None)
+    if patched is not None:
+        roots = sorted(patched, key=_dim_of)
+        kinds = dict(zip(reversed(roots), ("grid_w", "grid_h", "grid_t")))
+        relabelled = _relabel(tokens, {r: (k, node.name) for r, k in kinds.items()})
+        if relabelled is not None:
+            amap.token_embeddings[node] = "patches"
+            amap.embedded_inputs.add(roots[0].input_name)
+            return relabelled + (EMPTY,)
+        return plain
+    if amap.latent is None or not any(r.input_name == amap.latent for r in raw):
+        return plain
+    roots = dict.fromkeys(lab.root for lab in in_tokens if lab.input_name == amap.latent)
+    relabelled = _relabel(tokens, {r: ("grid_packed", r.name) for r in roots}) if roots else None
+    if relabelled is None:
+        return plain
+    amap.token_embeddings[node] = "packed"
+    amap.embedded_inputs.add(amap.latent)
+    return relabelled + (EMPTY,)
+
+
+def _relabel(tokens: Axes, new: dict[Label, tuple[str, str]]) -> Axes | None:
+    """Replace the labels of each input axis in `new` (its parts, where it was split) by one label of
+    the given kind and name, sized by the parts in the token axes; None where an input axis's parts
+    lie in more than one token axis."""
+    where: dict[Label, int] = {}
+    for d, axis in enumerate(tokens):
+        for lab in axis.labels:
+            if lab.kind == "input" and lab.root in new and where.setdefault(lab.root, d) != d:
+                return None
+    out = []
+    for axis in tokens:
+        labels, placed = [], {}
+        for lab in axis.labels:
+            root = lab.root if lab.kind == "input" else None
+            if root not in new:
+                labels.append(lab)
+            elif root in placed:
+                placed[root] *= lab.size
+            else:
+                placed[root] = lab.size
+                labels.append(root)
+        out.append(Axis(tuple(Label(*new[lab], placed[lab]) if lab in placed else lab for lab in labels), axis.prefix))
+    return tuple(out)
 
 
 def _reduce(node: fx.Node, amap: AxisMap) -> Axes:

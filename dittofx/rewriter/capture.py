@@ -1,4 +1,9 @@
-"""Capture a model as one ATen-level graph with torch.export (non-strict), SDPA kept, batch dynamic."""
+"""Capture a model as one ATen-level graph with torch.export (non-strict), SDPA kept, batch dynamic.
+
+Sizes that depend on tensor values (Mochi keeps each sample's valid text tokens with nonzero) are
+unbacked symbols in the graph with no example value; the capture runs the graph once on its example
+inputs and records the value of each (`_torch_compat.symint_example` reads them), so the analysis
+reads them as it reads the batch."""
 
 from __future__ import annotations
 
@@ -10,10 +15,12 @@ from dataclasses import dataclass, field
 
 import torch
 from torch import fx
+from torch.fx.experimental.symbolic_shapes import free_symbols
 from torch.utils import _pytree as pytree
 
 from dittofx import signature
-from dittofx.errors import CaptureError, first_line
+from dittofx._torch_compat import record_unbacked_examples, shape_env_of, unbacked_bindings
+from dittofx.errors import CaptureError, DittoError, first_line
 
 
 @dataclass
@@ -42,39 +49,94 @@ def _export_batch(args, kwargs, batch: int) -> int:
 def capture(model: torch.nn.Module, example_inputs=(), example_kwargs=None, dynamic_batch: bool = True) -> Capture:
     """Export `model` on the examples; every input whose dim 0 is the batch gets a dynamic batch.
 
-    Falls back to a static batch (noted) where the model pins it.
+    Falls back to a static batch (noted) where the model pins it. Any failure is one CaptureError
+    line naming the model's class and the cause.
     """
+    try:
+        return _capture(model, example_inputs, example_kwargs, dynamic_batch)
+    except DittoError:
+        raise
+    except Exception as e:  # whatever fails around the export (reading its graph, running it) is "could not capture"
+        raise CaptureError(f"dittofx could not capture {type(model).__name__}: {type(e).__name__}: {first_line(e)}") \
+            from e
+
+
+def _capture(model, example_inputs, example_kwargs, dynamic_batch: bool) -> Capture:
     args = tuple(example_inputs) if isinstance(example_inputs, (tuple, list)) else (example_inputs,)
     kwargs = dict(example_kwargs or {})
-    flat = [v for _, v in signature.leaves((args, kwargs))]
-    batch = signature.batch_of(flat)
+    batch = signature.batch_of([v for _, v in signature.leaves((args, kwargs))])
     start = time.perf_counter()
     notes = []
-    exported = None
+    gm = None
     if dynamic_batch and batch is not None:
         b = _export_batch(args, kwargs, batch)
-        if b != batch:
-            args, kwargs = signature.resize_batch((args, kwargs), batch, b)
+        dyn_args, dyn_kwargs = signature.resize_batch((args, kwargs), batch, b) if b != batch else (args, kwargs)
         spec = pytree.tree_map(
             lambda x: {0: torch.export.Dim.AUTO} if isinstance(x, torch.Tensor) and x.dim() >= 1 and x.shape[0] == b
-            else None, (args, kwargs))
+            else None, (dyn_args, dyn_kwargs))
         try:
-            exported = _export(model, args, kwargs, dynamic_shapes=_dynamic_shapes(model, spec))
+            gm = _export(model, dyn_args, dyn_kwargs, dynamic_shapes=_dynamic_shapes(model, spec)).module()
         except CaptureError as e:
             notes.append(f"dynamic batch failed ({e}); captured with a static batch")
-            exported = None
-        batch = b
-    if exported is None:
-        exported = _export(model, args, kwargs, dynamic_shapes=None)
-    gm = exported.module()
+        if gm is not None and not _dynamic_batch(gm, dyn_args, dyn_kwargs, b):
+            # Dim.AUTO specialises silently where the model pins the batch (a Python loop over it)
+            notes.append("the model fixes its batch size; captured with a static batch")
+            if b != batch:
+                gm = None  # captured at the enlarged batch: again at the caller's
+        if gm is not None:
+            args, kwargs, batch = dyn_args, dyn_kwargs, b
+    if gm is None:
+        gm = _export(model, args, kwargs, dynamic_shapes=None).module()
     flat = [v for _, v in signature.leaves((args, kwargs))]
     placeholders = [n for n in gm.graph.nodes if n.op == "placeholder"]
     batched = {i for i in signature.batched(flat, batch) if i < len(placeholders)}
-    dynamic = any(isinstance(placeholders[i].meta.get("val"), torch.Tensor)
-                  and isinstance(placeholders[i].meta["val"].shape[0], torch.SymInt) for i in batched)
-    if dynamic_batch and not dynamic and not notes:
-        notes.append("the model fixes its batch size; captured with a static batch")
+    dynamic = _dynamic_batch(gm, args, kwargs, batch)
+    found = _record_data_dependent_sizes(gm, flat[:len(placeholders)])
+    if found:
+        notes.append(f"{found} data-dependent sizes (e.g. tokens kept by a mask); their example values recorded")
     return Capture(gm, args, kwargs, batched, dynamic, time.perf_counter() - start, notes)
+
+
+def _dynamic_batch(gm: fx.GraphModule, args, kwargs, batch: int | None) -> bool:
+    """Whether every input whose dim 0 is the batch kept a symbol for it in the graph."""
+    flat = [v for _, v in signature.leaves((args, kwargs))]
+    placeholders = [n for n in gm.graph.nodes if n.op == "placeholder"]
+    batched = [i for i in signature.batched(flat, batch) if i < len(placeholders)]
+    return bool(batched) and all(_symbolic(placeholders[i].meta.get("val")) for i in batched)
+
+
+def _symbolic(val) -> bool:
+    """Whether a placeholder's dim 0 is still a symbol (not one the capture specialised to a number)."""
+    return isinstance(val, torch.Tensor) and bool(free_symbols(val.shape[0]))
+
+
+class _SizeRecorder(fx.Interpreter):
+    """Runs the graph on real inputs and keeps the value each unbacked symbol takes."""
+
+    def __init__(self, gm: fx.GraphModule, shape_env):
+        super().__init__(gm)
+        self.shape_env = shape_env
+        self.values: dict = {}
+
+    def run_node(self, n: fx.Node):
+        result = super().run_node(n)
+        for symbol, path in unbacked_bindings(n, self.shape_env).items():
+            self.values[symbol] = int(pytree.key_get(result, path))
+        return result
+
+
+def _record_data_dependent_sizes(gm: fx.GraphModule, flat_inputs: list) -> int:
+    """Give every unbacked size of the graph (torch.export's symbol for a size that depends on tensor
+    values) the value it takes on the example inputs, so analysis reads it as it reads the batch.
+    Returns how many there are."""
+    env = shape_env_of(gm)
+    if env is None or not any("unbacked_bindings" in n.meta for n in gm.graph.nodes):
+        return 0
+    recorder = _SizeRecorder(gm, env)
+    with torch.no_grad():
+        recorder.run(*flat_inputs)
+    record_unbacked_examples(env, recorder.values)
+    return len(recorder.values)
 
 
 def _dynamic_shapes(model, spec):

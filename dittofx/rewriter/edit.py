@@ -18,10 +18,10 @@ from collections.abc import Callable, Iterable
 import torch
 from torch import fx, nn
 from torch._subclasses.fake_tensor import FakeTensorMode
-from torch.fx.experimental.symbolic_shapes import free_unbacked_symbols
 from torch.fx.passes.fake_tensor_prop import FakeTensorProp
+from torch.utils import _pytree as pytree
 
-from dittofx._torch_compat import detect_fake_mode, fresh_name
+from dittofx._torch_compat import copy_codegen, detect_fake_mode, fresh_name, unexampled_unbacked_symbols
 
 # -- arguments by name -----------------------------------------------------------------------------
 
@@ -172,6 +172,17 @@ def users_breadth_first(start: fx.Node, follow: Callable[[fx.Node], bool] = lamb
 # -- values and metadata ---------------------------------------------------------------------------
 
 
+def copy_module(gm: fx.GraphModule) -> fx.GraphModule:
+    """A copy of `gm` with its own graph (same node names, metadata, calling convention) and the same
+    parameters, buffers and submodules: edits of one do not touch the other."""
+    graph = fx.Graph()
+    copy_codegen(graph, gm.graph)
+    graph.output(graph.graph_copy(gm.graph, {}))
+    copy = fx.GraphModule(gm, graph, class_name=type(gm).__name__)
+    copy.meta.update(gm.meta)
+    return copy
+
+
 def values_at(gm: fx.GraphModule, nodes: Iterable[fx.Node], flat_inputs: list) -> dict[fx.Node, object]:
     """The values of `nodes` when the graph runs on the flat example inputs (it stops after the last)."""
     wanted, values = set(nodes), {}
@@ -206,7 +217,10 @@ def refresh_meta(gm: fx.GraphModule, flat_inputs: list) -> None:
     propagation refuses them (PendingUnbackedSymbolNotFound: a fresh unbacked size not in the node's
     outputs) or leaves unbacked sizes, which have no example value for the analysis: then the values
     are recomputed from the flat example inputs with static shapes, as the data-dependent nodes
-    expect (they carry the example's counts as hints).
+    expect (they carry the example's counts as hints). Where even that fails (a data-dependent op
+    outside inserted functions: Mochi's per-sample nonzero, moved into an outlined attention), the
+    values are those of one real run on the example inputs, as static fakes: stateful modules in the
+    graph see that call (the pass manager resets them after).
     """
     placeholders = [n for n in gm.graph.nodes if n.op == "placeholder"]
     symbolic = [ph.meta.get("val") for ph in placeholders]
@@ -215,7 +229,7 @@ def refresh_meta(gm: fx.GraphModule, flat_inputs: list) -> None:
         try:
             with torch.no_grad():
                 FakeTensorProp(gm, mode).propagate_dont_convert_inputs(*symbolic)
-            if not any(free_unbacked_symbols(n.meta.get("val")) for n in gm.graph.nodes):
+            if not any(unexampled_unbacked_symbols(n.meta.get("val")) for n in gm.graph.nodes):
                 return
         except Exception:  # noqa: BLE001 - data-dependent sizes: the static refresh below
             pass
@@ -223,8 +237,24 @@ def refresh_meta(gm: fx.GraphModule, flat_inputs: list) -> None:
         n.meta.pop("unbacked_bindings", None)
     mode = FakeTensorMode(allow_non_fake_inputs=True)
     fakes = [mode.from_tensor(x) if isinstance(x, torch.Tensor) else x for x in flat_inputs[:len(placeholders)]]
+    try:
+        with torch.no_grad():
+            FakeTensorProp(gm, mode).propagate_dont_convert_inputs(*fakes)
+    except Exception:  # noqa: BLE001 - an op with no static fake (nonzero): one real run
+        _real_meta(gm, flat_inputs[:len(placeholders)], mode)
+
+
+def _real_meta(gm: fx.GraphModule, flat_inputs: list, mode: FakeTensorMode) -> None:
+    """Every node's `meta["val"]`: a static fake of its value in one real run on the example inputs."""
+
+    class Recorder(fx.Interpreter):
+        def run_node(self, n):
+            out = super().run_node(n)
+            n.meta["val"] = pytree.tree_map_only(torch.Tensor, mode.from_tensor, out)
+            return out
+
     with torch.no_grad():
-        FakeTensorProp(gm, mode).propagate_dont_convert_inputs(*fakes)
+        Recorder(gm).run(*flat_inputs)
 
 
 def remove_dead(gm: fx.GraphModule) -> int:

@@ -9,6 +9,11 @@ inlining), so that a pass can decide at run time whether that part runs at all.
 The child GraphModule takes the region's inputs (tensors, SymInts, lists of tensors) as placeholders,
 reads parameters through its own `get_attr` nodes (shared, not copied), and returns a tuple of the
 region's outputs. The parent reads each output through a getitem of the call.
+
+In-place writes move with what they write: a region that reads a tensor written in place (a rotary
+embedding `copy_`-ed into slices of an `empty_like`) takes the writes in with it, and a write that
+cannot come along (it writes memory read outside the region too) makes `outline` refuse
+(`OutlineError`) rather than move a read before its write (rewriter/alias.py).
 """
 
 from __future__ import annotations
@@ -18,47 +23,68 @@ from collections.abc import Callable
 
 from torch import fx, nn
 
+from dittofx.rewriter.alias import Storage
 from dittofx.rewriter.analysis import module_path
 from dittofx.rewriter.edit import copy_scope
 
 
 class OutlineError(ValueError):
-    """The region cannot be outlined (it reads a value that depends on its own outputs)."""
+    """The region cannot be outlined (it reads a value that depends on its own outputs, or memory
+    written in place across its boundary)."""
 
 
 def _in_scope(node: fx.Node, scope: str | None) -> bool:
     return scope is None or scope in module_path(node)
 
 
-def exclusive_cone(seeds, scope: str | None = None, descendants_of: fx.Node | None = None) -> set[fx.Node]:
+def exclusive_cone(seeds, scope: str | None = None, descendants_of=()) -> set[fx.Node]:
     """The seeds, plus every call_function node inside `scope` that only they need (all its users are in
-    the cone), plus, with `descendants_of`, every node inside `scope` computed from that node. Checks
-    with no users (shape asserts) on values of the cone join it."""
+    the cone, or are checks with no users), plus every node inside `scope` computed from a node of
+    `descendants_of`. Checks with no users (shape asserts) on values of the cone, and in-place writes
+    into memory the cone reads, join it."""
     region = set(seeds)
-    candidates = []
-    graph = next(iter(region)).graph if region else descendants_of.graph
-    for n in graph.nodes:
-        if n.op == "call_function" and _in_scope(n, scope):
-            candidates.append(n)
-    if descendants_of is not None:
-        reached = {descendants_of}
-        for n in candidates:
-            if n is descendants_of or any(a in reached for a in n.all_input_nodes):
-                reached.add(n)
-                region.add(n)
+    sources = set(descendants_of)
+    graph = next(iter(region | sources)).graph
+    candidates = [n for n in graph.nodes if n.op == "call_function" and _in_scope(n, scope)]
+    storage = Storage(graph)
+    reached = set(sources)
+    for n in candidates:
+        if n in sources or any(a in reached for a in n.all_input_nodes):
+            reached.add(n)
+            region.add(n)
     changed = True
     while changed:
         changed = False
+        read = storage.reads(region)
         for n in reversed(candidates):
             if n in region:
                 continue
-            if n.users and all(u in region for u in n.users):
-                region.add(n)
-                changed = True
-            elif not n.users and n.all_input_nodes and any(a in region for a in n.all_input_nodes):
+            joins = (n.users and all(u in region or not u.users for u in n.users)) \
+                or (not n.users and n.all_input_nodes and any(a in region for a in n.all_input_nodes)) \
+                or storage.writes(n) & read
+            if joins:
                 region.add(n)
                 changed = True
     return region
+
+
+def _check_writes(graph: fx.Graph, region: set[fx.Node], order: dict, span: tuple[float, float], target: str) -> None:
+    """No in-place write changes what a read sees once the region runs at one place: a write and a read
+    of the same memory, one inside and one outside, may not lie within `span` (from the first to the
+    last position the region's nodes run at, before or after outlining)."""
+    storage = Storage(graph)
+    lo, hi = span
+    inside = storage.reads(region)
+    for w in storage.writers:
+        if w in region:
+            written = storage.writes(w)
+            clash = next((n for n in graph.nodes if n not in region and n.op != "output" and lo < order[n] < hi
+                          and storage.reads([n]) & written), None)
+        else:
+            clash = w if lo < order[w] < hi and storage.writes(w) & inside else None
+        if clash is not None:
+            raise OutlineError(f"region for {target}: {w.name} writes in place into memory that "
+                               f"{'the region' if w not in region else clash.name} reads")
 
 
 def outline(gm: fx.GraphModule, region: set[fx.Node], target: str, wrap: Callable[[fx.GraphModule], nn.Module],
@@ -87,6 +113,8 @@ def outline(gm: fx.GraphModule, region: set[fx.Node], target: str, wrap: Callabl
     first_use = min((order[u] for o in outputs for u in o.users if u not in region), default=len(order))
     if order[last_input] >= first_use:
         raise OutlineError(f"region for {target} reads a value computed from its own outputs")
+    at = order[last_input] + 0.5  # where the call will run
+    _check_writes(graph, region, order, (min(at, order[nodes[0]]), max(at, order[nodes[-1]])), target)
 
     child = fx.Graph()
     env: dict[fx.Node, fx.Node] = {}

@@ -19,7 +19,13 @@ import torch
 from torch import fx
 from torch.utils import _pytree as pytree
 
-from dittofx._torch_compat import VARIABLE_FUNCTIONS, DisableTorchFunction, _disable_current_modes, copy_codegen
+from dittofx._torch_compat import (
+    VARIABLE_FUNCTIONS,
+    DisableTorchFunction,
+    _disable_current_modes,
+    copy_codegen,
+    fx_emits,
+)
 from dittofx.rewriter.axes import size_hint
 
 _C_FUNCTIONS = (types.BuiltinFunctionType, types.MethodDescriptorType)
@@ -27,13 +33,15 @@ _C_FUNCTIONS = (types.BuiltinFunctionType, types.MethodDescriptorType)
 
 def binding(op) -> object | None:
     """The C binding named like ATen overload `op` (Python's argument parser then picks the overload
-    from the arguments, as for the model's own calls), or None. Mutating overloads keep theirs."""
+    from the arguments, as for the model's own calls), or None. Mutating overloads keep theirs, and so
+    do those whose binding fx's generated code cannot name as itself (`__and__` has no module;
+    `torch.split` is a Python wrapper, not the binding)."""
     if not isinstance(op, torch._ops.OpOverload) or op.namespace != "aten" or op._schema.is_mutable:
         return None
     name = op._schema.name.split("::", 1)[1]
     for namespace in VARIABLE_FUNCTIONS:
         fn = getattr(namespace, name, None)
-        if isinstance(fn, _C_FUNCTIONS):
+        if isinstance(fn, _C_FUNCTIONS) and fx_emits(fn):
             return fn
     return None
 

@@ -13,11 +13,13 @@ and feed them through `to_feed()`: one set of options, one dtype table.
 from __future__ import annotations
 
 import os
+import threading
 
 import numpy as np
 import torch
 
 from dittofx.errors import ExportError, first_line
+from dittofx.runtime import stateful
 from dittofx.runtime.manifest import Manifest
 from dittofx.runtime.pab import BroadcastState, Rule
 from dittofx.signature import order_inputs
@@ -134,35 +136,57 @@ class OnnxPABRunner:
     """Runs a folder written by `dittofx.exporters.onnx_pab.export_pab_onnx` in onnxruntime.
 
     Called like `OnnxRuntimeRunner`: the model's tensor inputs in the order of `input_names` (or by
-    name) -> list of output tensors. Keeps the caches and the schedule state between calls (the same
-    `BroadcastState` as the eager graph); `reset()` drops them.
+    name) -> list of output tensors. Keeps the caches and the schedule state between calls, with the
+    same `BroadcastState` and rules as the eager graph (runtime/pab.py: generations, guidance branches
+    told apart by the conditioning inputs, per thread); `new_generation()`, `generation()` and
+    `cache_context(name, step_index=...)` mark generations and branches as on OptimizedModule;
+    `reset()` drops every thread's state.
     """
 
     def __init__(self, directory, providers: list[str] | None = None, threads: int | None = None):
         self.directory = os.fspath(directory)
-        self.manifest = Manifest.read(self.directory)
-        self.input_names = list(self.manifest.inputs)
-        self.rules = [Rule(s["range"], tuple(s["window"])) for s in self.manifest.sites]
+        self.manifest = m = Manifest.read(self.directory)
+        self.input_names = list(m.inputs)
+        self.rules = [Rule(s["range"], tuple(s["window"])) for s in m.sites]
+        self.conditioning = [n for n in self.input_names if n not in (m.timestep_input, m.batch_input)]
+        scale = m.sites[0].get("timestep_scale", 1.0) if m.sites else 1.0
         self._providers, self._threads = providers, threads
         self._sessions: dict[tuple[bool, ...], object] = {}
         self._weights: dict | None = None
-        self.reset()
+        self._lock = threading.Lock()  # threads: each session and the weights loaded once
+        self.state = BroadcastState(self.rules, scale)
 
     def reset(self) -> None:
-        self.state = BroadcastState(self.rules)
+        self.state.reset()
+
+    def new_generation(self) -> None:
+        """The calling thread's next call starts a new generation."""
+        self.state.new_generation()
+
+    def generation(self):
+        """`with runner.generation(): ...`: one generation, its boundaries declared (runtime/pab.py)."""
+        return stateful.generation([self.state])
+
+    def cache_context(self, name: str, step_index: int | None = None, **_):
+        """The calls inside are guidance branch `name` at step `step_index` (as diffusers' cache_context)."""
+        return stateful.call_context(name, step_index)
 
     def session(self, computes: tuple[bool, ...]):
-        if computes not in self._sessions:
-            entry = self.manifest.pattern(computes)
-            if entry is None:
-                bits = "".join("1" if c else "0" for c in computes)
-                raise ExportError(f"this export has no model for broadcast pattern {bits}: export with "
-                                  f"timesteps=None (every pattern) or with the timesteps this loop uses")
-            weights = self._shared_weights()
-            self._sessions[computes] = session(
-                os.path.join(self.directory, entry.file), self._providers, self._threads, one_of_many=True,
-                initializers={name: weights[key][1] for name, key in entry.initializers.items()})
-        return self._sessions[computes]
+        found = self._sessions.get(computes)
+        if found is not None:
+            return found
+        with self._lock:
+            if computes not in self._sessions:
+                entry = self.manifest.pattern(computes)
+                if entry is None:
+                    bits = "".join("1" if c else "0" for c in computes)
+                    raise ExportError(f"this export has no model for broadcast pattern {bits}: export with "
+                                      f"timesteps=None (every pattern) or with the timesteps this loop uses")
+                weights = self._shared_weights()
+                self._sessions[computes] = session(
+                    os.path.join(self.directory, entry.file), self._providers, self._threads, one_of_many=True,
+                    initializers={name: weights[key][1] for name, key in entry.initializers.items()})
+            return self._sessions[computes]
 
     def _shared_weights(self) -> dict:
         """{key: (array, OrtValue)} over one memory map of the shared weights file."""
@@ -182,7 +206,7 @@ class OnnxPABRunner:
         m = self.manifest
         values = dict(zip(self.input_names, order_inputs(self.input_names, inputs, named, self.directory, ExportError)))
         batch = values[m.batch_input].shape[0] if m.batch_input in values else None
-        step = self.state.begin(values[m.timestep_input], batch)
+        step = self.state.begin(values[m.timestep_input], batch, [values[n] for n in self.conditioning])
         sess = self.session(step.computes)
         entry = m.pattern(step.computes)
         metas = sess.get_inputs()[:len(self.input_names)]

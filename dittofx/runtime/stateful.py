@@ -3,7 +3,11 @@
 
 from __future__ import annotations
 
+import contextlib
+import dataclasses
 import itertools
+import threading
+from dataclasses import dataclass
 
 import torch
 from torch import fx, nn
@@ -11,12 +15,54 @@ from torch import fx, nn
 from dittofx._torch_compat import is_fake
 
 
+@dataclass(frozen=True)
+class CallContext:
+    """What a caller says about the calls it makes (diffusers' `cache_context`), per thread, for every
+    stateful module called inside the block (`call_context`, `generation`).
+
+    name: which guidance branch the calls are ("cond", "uncond", "cond_uncond"): each name its own state.
+    step_index: the denoising step (0 starts a generation, a lower one than the last call's too).
+    declared: inside `generation()`: the caller marks where generations start and end, so nothing is
+    inferred from the timesteps (samplers whose timesteps are not monotonic).
+    """
+
+    name: str | None = None
+    step_index: int | None = None
+    declared: bool = False
+
+
+_CONTEXT = threading.local()
+
+
+def current_context() -> CallContext | None:
+    """The calling thread's CallContext (None: outside any block)."""
+    return getattr(_CONTEXT, "value", None)
+
+
+@contextlib.contextmanager
+def _context(context: CallContext):
+    previous = current_context()
+    _CONTEXT.value = context
+    try:
+        yield
+    finally:
+        _CONTEXT.value = previous
+
+
 class StatefulModule(nn.Module):
-    """A module of a rewritten graph whose state lives between calls."""
+    """A module of a rewritten graph whose state lives between calls.
+
+    State that follows a sequence of calls (PAB's generation) is kept per thread, so that threads
+    running their own sequences on one module do not mix; `reset()` drops every thread's. What the
+    caller says about its calls is `current_context()`."""
 
     def reset(self) -> None:
-        """Drop the state, as before the first call."""
+        """Drop the state of every thread, as before the first call."""
         raise NotImplementedError
+
+    def new_generation(self) -> None:
+        """Make the calling thread's next call the first of a new sequence (drops that thread's state)."""
+        self.reset()
 
     def runner(self, gm: fx.GraphModule, compiled: bool) -> nn.Module | None:
         """What a call of `gm` runs (None: as any graph)."""
@@ -34,6 +80,42 @@ def is_stateful(gm: nn.Module) -> bool:
 def reset(gm: nn.Module) -> None:
     for m in stateful_modules(gm):
         m.reset()
+
+
+def _targets(holders) -> list:
+    """The stateful modules of the graphs in `holders`, and any other object with `new_generation()`
+    (a runner's state)."""
+    found = []
+    for h in holders:
+        found.extend(stateful_modules(h) if isinstance(h, nn.Module) else [h])
+    return found
+
+
+def new_generation(holders) -> None:
+    """The calling thread's next call of each of `holders` (graphs, or runners' states) starts afresh."""
+    for m in _targets(holders):
+        m.new_generation()
+
+
+@contextlib.contextmanager
+def generation(holders):
+    """One generation of `holders`, declared: fresh on entry, nothing inferred from timesteps inside
+    (any stateful module called in the block), dropped on exit."""
+    new_generation(holders)
+    try:
+        with _context(dataclasses.replace(current_context() or CallContext(), declared=True)):
+            yield
+    finally:
+        new_generation(holders)
+
+
+def call_context(name: str | None, step_index: int | None = None):
+    """`with call_context("uncond", step_index=i):` the calls inside, of any stateful module in this
+    thread, are guidance branch `name` at denoising step `step_index` (diffusers' `cache_context`;
+    a module first captured inside the block gets it too); a declared generation() around it stays
+    declared."""
+    outer = current_context()
+    return _context(CallContext(name, step_index, declared=bool(outer and outer.declared)))
 
 
 def make_runner(gm: fx.GraphModule, compiled: bool):

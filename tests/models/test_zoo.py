@@ -1,10 +1,12 @@
-"""dittofx.models.zoo: every model builds, runs, exports with torch.export, and depends on all its layers."""
+"""dittofx.models.zoo: every model builds, runs, exports with torch.export, and depends on all its layers and inputs."""
 
 import pytest
 import torch
+from torch.utils import _pytree as pytree
 
 from dittofx.errors import ModelSpecError
 from dittofx.models import zoo
+from tests.models.test_zoo_diffusion import MODELS as DIFFUSION
 
 EXPECTED = {  # name: (family, main input shape for batch 3, output shape)
     "vit": ("timm", (3, 3, 64, 64), (3, 10)),
@@ -16,7 +18,19 @@ EXPECTED = {  # name: (family, main input shape for batch 3, output shape)
     "pixart": ("diffusers", (3, 4, 16, 16), (3, 8, 16, 16)),
     "latte": ("diffusers", (3, 4, 4, 16, 16), (3, 8, 4, 16, 16)),
     "cogvideox": ("diffusers", (3, 3, 4, 16, 16), (3, 3, 4, 16, 16)),
+    "cogvideox5b": ("diffusers", (3, 3, 4, 16, 16), (3, 3, 4, 16, 16)),
+    "cogvideox15": ("diffusers", (3, 4, 4, 16, 16), (3, 4, 4, 16, 16)),
+    "wan": ("diffusers", (3, 4, 3, 16, 16), (3, 4, 3, 16, 16)),
+    "hunyuanvideo": ("diffusers", (3, 4, 3, 16, 16), (3, 4, 3, 16, 16)),
+    "mochi": ("diffusers", (3, 4, 3, 16, 16), (3, 4, 3, 16, 16)),
+    "ltx_video": ("diffusers", (3, 192, 8), (3, 192, 8)),
+    "allegro": ("diffusers", (3, 4, 3, 16, 16), (3, 4, 3, 16, 16)),
+    "flux": ("diffusers", (3, 64, 16), (3, 64, 16)),
+    "sd3": ("diffusers", (3, 4, 16, 16), (3, 4, 16, 16)),
+    "easyanimate": ("diffusers", (3, 4, 3, 16, 16), (3, 4, 3, 16, 16)),
 }
+# inputs a pipeline passes once for every sample: position ids, rotary tables, latent sizes
+SHARED = {"img_ids", "txt_ids", "image_rotary_emb", "num_frames", "height", "width", "rope_interpolation_scale"}
 
 
 def _out(o):
@@ -39,12 +53,19 @@ def test_build_forward_export(name):
     assert z.family == family and z.name == name
     assert not z.model.training
     assert tuple(z.example_inputs[0].shape) == in_shape
-    for k, v in z.example_kwargs.items():  # every batched input has the batch size
-        assert torch.is_tensor(v) and v.shape[0] == 3, k
+    two = zoo.build(name, batch=2).example_kwargs
+    for k, v in z.example_kwargs.items():  # every batched input has the batch size, shared ones none
+        if k in SHARED:
+            pairs = zip(pytree.tree_leaves(v), pytree.tree_leaves(two[k]), strict=True)
+            assert all(torch.equal(a, b) if torch.is_tensor(a) else a == b for a, b in pairs), k
+        else:
+            assert torch.is_tensor(v) and v.shape[0] == 3, k
     with torch.no_grad():
         eager = _out(z.model(*z.example_inputs, **z.example_kwargs))
     assert tuple(eager.shape) == out_shape
     assert torch.isfinite(eager).all()
+    if name in DIFFUSION:
+        return  # captured (torch.export, attention kept as SDPA) in test_zoo_diffusion, ~10 s each
 
     ep = torch.export.export(z.model, z.example_inputs, z.example_kwargs, strict=False)
     sdpa = [n for n in ep.graph.nodes if n.target is torch.ops.aten.scaled_dot_product_attention.default]
@@ -91,6 +112,70 @@ def test_output_depends_on_last_block_and_conditioning(name):
         if "encoder_hidden_states" in z.example_kwargs:
             kw = dict(z.example_kwargs, encoder_hidden_states=z.example_kwargs["encoder_hidden_states"] + 1)
             assert (_out(z.model(*z.example_inputs, **kw)) - base).abs().max() > 1e-4
+
+
+@pytest.mark.parametrize("name", DIFFUSION)
+def test_every_pipeline_input_changes_the_output(name):
+    # each input the pipeline passes reaches the output: masks (padding removed), rotary tables, position
+    # ids, guidance, pooled projections, LTX's rope scale; none is silently ignored by the model
+    z = zoo.build(name)
+    with torch.no_grad():
+        base = _out(z.model(*z.example_inputs, **z.example_kwargs))
+        for k, v in z.example_kwargs.items():
+            changed = _perturbed(k, v)
+            if changed is None:
+                continue
+            out = _out(z.model(*z.example_inputs, **dict(z.example_kwargs, **{k: changed})))
+            assert (out - base).abs().max() > 1e-5, k
+
+
+def _perturbed(name, value):
+    """`value` changed in a way the model must notice, or None where there is no such change (sizes)."""
+    if "mask" in name:
+        return torch.ones_like(value)  # no padding: the padded samples see two more text tokens
+    if torch.is_tensor(value):
+        return value + (50 if name == "timestep" and not value.is_floating_point() else 0.25)
+    if name == "rope_interpolation_scale":
+        return tuple(2 * s for s in value)
+    if name == "image_rotary_emb":  # perturb the frequency tables, keep integer positions
+        return pytree.tree_map(lambda t: t + 0.25 if t.is_floating_point() else t, value)
+    return None
+
+
+@pytest.mark.slow  # imports the pipelines (their text encoders' code): ~10 s
+@pytest.mark.parametrize("name", ["cogvideox5b", "cogvideox15", "allegro"])
+def test_rotary_tables_are_the_pipelines(name):
+    from types import SimpleNamespace
+
+    from diffusers import AllegroPipeline, CogVideoXPipeline
+
+    z = zoo.build(name)
+    pipe = SimpleNamespace(vae_scale_factor_spatial=8, transformer=z.model)
+    x = z.example_inputs[0]
+    if name == "allegro":  # latents (B, C, F, H, W)
+        want = AllegroPipeline._prepare_rotary_positional_embeddings(pipe, 2, x.shape[3] * 8, x.shape[4] * 8,
+                                                                     x.shape[2], "cpu")
+    else:  # latents (B, F, C, H, W)
+        want = CogVideoXPipeline._prepare_rotary_positional_embeddings(pipe, x.shape[3] * 8, x.shape[4] * 8,
+                                                                       x.shape[1], "cpu")
+    got = z.example_kwargs["image_rotary_emb"]
+    assert pytree.tree_structure(got) == pytree.tree_structure(want)
+    assert all(torch.equal(a, b) for a, b in zip(pytree.tree_leaves(got), pytree.tree_leaves(want), strict=True))
+
+
+@pytest.mark.slow  # imports the pipelines: ~10 s
+def test_packed_latents_and_position_ids_are_the_pipelines():
+    from diffusers import FluxPipeline, LTXPipeline
+
+    def latents(shape):  # the zoo's first draw from its input generator (seed + 1)
+        return torch.randn(shape, generator=torch.Generator().manual_seed(1))
+
+    flux = zoo.build("flux")
+    assert torch.equal(flux.example_inputs[0], FluxPipeline._pack_latents(latents((2, 4, 16, 16)), 2, 4, 16, 16))
+    assert torch.equal(flux.example_kwargs["img_ids"], FluxPipeline._prepare_latent_image_ids(2, 8, 8, "cpu",
+                                                                                              torch.float32))
+    ltx = zoo.build("ltx_video")
+    assert torch.equal(ltx.example_inputs[0], LTXPipeline._pack_latents(latents((2, 8, 3, 8, 8)), 1, 1))
 
 
 def test_prefix_tokens_match_timm():

@@ -1,11 +1,14 @@
 """Eager programs: ATen overloads called through their C bindings, parameters read directly."""
 
+import operator
+
 import pytest
 import torch
 from torch import fx
 from torch.utils import _pytree as pytree
 
 import dittofx
+from dittofx._torch_compat import fx_emits
 from dittofx.models import zoo
 from dittofx.runtime.eager import _agrees, binding, eager_program
 
@@ -61,3 +64,27 @@ def test_moving_the_module_binds_the_tensors_again():
     bound = {k[len("_attr_"):]: v for k, v in vars(program).items() if k.startswith("_attr_")}
     assert bound and all(any(v is t for t in tensors.values()) for v in bound.values())
     torch.testing.assert_close(opt(*zm.example_inputs), before)
+
+
+def test_only_bindings_fx_can_write_are_used():
+    # HunyuanVideo's mask `a & b` is aten.__and__.Tensor, whose binding torch._C._VariableFunctions.__and__
+    # fx cannot name ("cannot find module"); torch.split is a Python wrapper, not split's binding
+    g = fx.Graph()
+    a, b = g.placeholder("a"), g.placeholder("b")
+    vals = (torch.rand(3, 4) > 0.5, torch.rand(3, 4) > 0.5)
+    both = _node(g, aten.__and__.Tensor, (a, b), {}, vals)
+    both.meta["val"] = vals[0] & vals[1]
+    parts = g.call_function(aten.split.Tensor, (both, 2, 1))
+    first = g.call_function(operator.getitem, (parts, 0))
+    g.output((both, g.call_function(aten.bitwise_not.default, (first,))))
+    gm = fx.GraphModule(torch.nn.Module(), g)
+    program = eager_program(gm)  # fx's code generation raised RuntimeError here before
+    targets = {n.target for n in program.graph.nodes if n.op == "call_function"}
+    assert aten.__and__.Tensor not in targets  # bound to torch.Tensor.__and__, a name fx writes
+    assert aten.split.Tensor in targets
+    assert all(torch.equal(x, y) for x, y in zip(gm(*vals), program(*vals), strict=True))
+    for packet in (getattr(aten, name) for name in dir(aten)):
+        if isinstance(packet, torch._ops.OpOverloadPacket):
+            for overload in packet.overloads():
+                fn = binding(getattr(packet, overload))
+                assert fn is None or fx_emits(fn), (packet, overload)

@@ -46,6 +46,7 @@ softmax by renormalising with an extra column of v instead of a mask (cheaper in
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 from typing import ClassVar
 
@@ -141,6 +142,9 @@ class RLT(Pass):
         if self.layout not in LAYOUTS:
             raise PassSpecError(f"rlt layout must be one of {', '.join(map(repr, LAYOUTS))}, got {self.layout!r}")
         self.tau = float(tau)
+
+    def exact(self) -> RLT:
+        return dataclasses.replace(self, tau=-1.0)
 
     # -- applicability ------------------------------------------------------------------------
 

@@ -29,6 +29,7 @@ ToMe pass after RLT continues from the sizes RLT gave its padded clips.
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 from typing import ClassVar
 
@@ -176,6 +177,9 @@ class ToMe(Pass):
         return None
 
     # -- the rewrite
+
+    def exact(self) -> ToMe:
+        return dataclasses.replace(self, r=0) if self.ratio is None else dataclasses.replace(self, ratio=0.0)
 
     def run(self, ctx: PassContext) -> PassResult:
         result = PassResult()

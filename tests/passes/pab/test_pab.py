@@ -13,7 +13,7 @@ from dittofx.errors import PassSpecError, UnsupportedModelError
 from dittofx.models import zoo
 from dittofx.passes.pab import PAB
 from dittofx.passes.spec import parse_pass, pass_name
-from dittofx.runtime.pab import BroadcastState, Rule
+from dittofx.runtime.pab import MAX_UNNAMED, BroadcastState, Rule
 
 STEPS = 30
 WINDOW = (100, 800)
@@ -276,22 +276,48 @@ def test_rule_is_diffusers_rule():
 
 
 def test_generations_branches_batch_and_reset():
+    """The state rules of runtime/pab.py: generations from the direction of the timesteps, guidance
+    branches from the conditioning inputs (never call order), batch changes, mixed timesteps."""
     state = BroadcastState([Rule(2, (100.0, 800.0))])
+    cond, uncond = torch.randn(3, 5), torch.zeros(3, 5)
 
-    def call(t, batch=2):
-        step = state.begin(torch.tensor([t, t]), batch)
+    def call(t, batch=2, text=cond):
+        step = state.begin(torch.tensor([t] * batch), batch, [text[:batch]])  # a new view each call: same branch
         step.caches.setdefault(0, ("x",))
         return step.computes[0]
 
     assert [call(t) for t in (700, 600, 500, 400)] == [True, False, True, False]
-    assert call(900) and not call(600)  # 900 > 400: a new generation, counting from 0 again
-    # separate guidance calls: same timestep twice = two branches, each with its own counter
+    assert call(450) and not call(300)  # 450 > 400 goes against a falling generation: a new one (img2img)
+    assert call(700) and not call(650, text=cond.clone())  # the same values in another tensor: the same branch
+    assert state.branches == 1
+    # rising timesteps (flow-matching pipelines such as Mochi's): broadcast; going down starts over
     state = BroadcastState([Rule(2, (100.0, 800.0))])
-    got = [call(t) for t in (700, 700, 600, 600, 500, 500)]
-    assert got == [True, True, False, False, True, True] and state.branches == 2
-    assert not call(400) and call(400, batch=3)  # a new batch size in a branch starts it over
+    assert [call(t) for t in (200, 300, 400, 500)] == [True, False, True, False]
+    assert call(250) and not call(350)
+    # separate guidance calls, in either order per step: each branch its own counter
+    state = BroadcastState([Rule(2, (100.0, 800.0))])
+    order = [(700, cond), (700, uncond), (600, uncond), (600, cond), (500, cond), (500, uncond)]
+    assert [call(t, text=text) for t, text in order] == [True, True, False, False, True, True]
+    assert state.branches == 2
+    assert not call(400, text=uncond) and call(400, batch=3, text=uncond)  # a new batch size starts over
+    assert state.branches == 3
+    # at 300, cond (last called at 500) is dropped; the one blind spot: a generation that continues the
+    # last one's direction (uncond at batch 3 goes on); new_generation() marks it
+    assert not call(300, batch=3, text=uncond) and state.branches == 2
+    state.new_generation()
+    assert state.branches == 0 and call(300, batch=3, text=uncond)
     # mixed timesteps in one batch: computes
-    assert state.begin(torch.tensor([500, 400]), 2).computes == (True,)
+    assert state.begin(torch.tensor([500, 400]), 2, [cond[:2]]).computes == (True,)
+    computed = sum(state.computed)
+    state.reset()
+    assert sum(state.computed) == 0 < computed and call(250)
+    # calls at one timestep with ever new conditioning: at most MAX_UNNAMED branches are kept
+    for k in range(MAX_UNNAMED + 3):
+        assert call(240, text=cond + k + 1)
+    assert state.branches == MAX_UNNAMED and not call(240, text=cond + MAX_UNNAMED + 3)
+    # the window reads the timestep input times timestep_scale (Flux feeds t / 1000)
+    state = BroadcastState([Rule(2, (100.0, 800.0))], timestep_scale=1000)
+    assert [call(t) for t in (0.7, 0.6, 0.5, 0.4, 0.09, 0.08)] == [True, False, True, False, True, True]
 
 
 # ---------------------------------------------------------------------------------------------
