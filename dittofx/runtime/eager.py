@@ -23,10 +23,10 @@ from dittofx._torch_compat import (
     VARIABLE_FUNCTIONS,
     DisableTorchFunction,
     _disable_current_modes,
-    copy_codegen,
     fx_emits,
 )
 from dittofx.rewriter.axes import size_hint
+from dittofx.rewriter.edit import copy_module
 
 _C_FUNCTIONS = (types.BuiltinFunctionType, types.MethodDescriptorType)
 
@@ -114,9 +114,4 @@ def make_eager(program: fx.GraphModule) -> fx.GraphModule:
 
 def eager_program(gm: fx.GraphModule) -> fx.GraphModule:
     """A copy of `gm` made for eager runs; parameters, buffers and submodules shared, not copied."""
-    graph = fx.Graph()
-    copy_codegen(graph, gm.graph)  # the pytree calling convention of the captured graph
-    graph.output(graph.graph_copy(gm.graph, {}))
-    program = fx.GraphModule(gm, graph, class_name=type(gm).__name__)
-    program.meta.update(gm.meta)
-    return make_eager(program)
+    return make_eager(copy_module(gm))
