@@ -292,7 +292,25 @@ def _translate(ep, tensors, opset, in_names, out_names):
                               f"{first_line(e)}") from None
     if program is None:
         raise ExportError("torch.onnx returned no program")
+    _where_without_bool(program.model.graph)
     return program
+
+
+def _where_without_bool(graph) -> None:
+    """onnxruntime has no CPU kernel for a Where that selects booleans (a boolean `masked_fill`, as
+    HunyuanVideo's attention mask): select uint8 and cast back."""
+    import onnx_ir as ir
+
+    for node in list(graph.all_nodes()):
+        if node.op_type != "Where" or node.domain not in ("", "ai.onnx") or node.outputs[0].dtype != ir.DataType.BOOL:
+            continue
+        out = node.outputs[0]
+        casts = [ir.node("Cast", [v], {"to": ir.DataType.UINT8}) for v in node.inputs[1:]]
+        where = ir.node("Where", [node.inputs[0], *(c.outputs[0] for c in casts)])
+        back = ir.node("Cast", where.outputs, {"to": ir.DataType.BOOL})
+        back.outputs[0].dtype, back.outputs[0].shape = out.dtype, out.shape
+        ir.convenience.replace_nodes_and_values(node.graph, node, [node], [*casts, where, back], [out],
+                                                back.outputs)
 
 
 def _rename_batch_axis(program, batch_idx) -> None:

@@ -207,6 +207,23 @@ def test_data_dependent_output_exports_and_is_flagged_for_tensorrt(tmp_path):
     assert torch.equal(got, torch.nonzero(x[0] > 0))
 
 
+class _BoolMask(nn.Module):
+    """A boolean masked_fill (HunyuanVideo builds its attention mask so): ONNX Where over booleans."""
+
+    def forward(self, x, keep):
+        mask = keep.masked_fill(x[:, :1] > 0, False)
+        return x.masked_fill(mask, 0.0)
+
+
+def test_boolean_masked_fill_runs_in_onnxruntime(tmp_path):
+    torch.manual_seed(0)
+    x, keep = torch.randn(2, 8), torch.rand(2, 8) > 0.3
+    result = export_onnx(_BoolMask(), tmp_path / "mask.onnx", (x, keep))
+    assert result.max_rel_diff == 0.0
+    got = OnnxRuntimeRunner(result.path)(x, keep)
+    assert torch.equal(got if isinstance(got, torch.Tensor) else got[0], _BoolMask()(x, keep))
+
+
 class _FixedBatch(nn.Module):
     def forward(self, x):
         return x.reshape(2, -1).sum(-1)  # the batch is hard-coded: it cannot be dynamic
