@@ -9,8 +9,9 @@ Clips (a batch of `--batch` clips each, normalised as VideoMAE expects):
   every frame. Exactly f of the tokens of tubelets 1.. repeat, so the kept share is
   (1 + (T' - 1)(1 - f)) / T';
 - nothing static (f = 0): RLT must keep every token and cost (almost) nothing;
-- the real clip ../shared/data/cityCC0.mpg when present (a slow pan at night, decoded with PyAV,
-  16 frames at stride 2, short side resized to the model's size and center-cropped).
+- the real clip benchmarks/data/cityCC0_224.mp4, shipped here (a slow pan at night from Kivy's
+  examples, Expat licence: benchmarks/data/README.md; decoded with PyAV, 16 frames at stride 2, short
+  side resized to the model's size and center-cropped), or another video with `--real FILE`.
 
 Timing: the untouched model and the RLT model run interleaved (A B A B ...) after a warm-up, and the
 speed-up is the median of the per-round ratios (dittofx.measure.timing). Eager PyTorch and onnxruntime (both
@@ -38,7 +39,7 @@ from dittofx.passes.rlt import RLT, keep_mask
 
 MEAN = torch.tensor([0.485, 0.456, 0.406])[:, None, None]
 STD = torch.tensor([0.229, 0.224, 0.225])[:, None, None]
-REAL_CLIP = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "..", "shared", "data", "cityCC0.mpg")
+REAL_CLIP = os.path.join(os.path.dirname(os.path.abspath(__file__)), "data", "cityCC0_224.mp4")
 
 
 def build_model(args):
@@ -76,7 +77,8 @@ def synthetic_clip(static: float, frames: int, size: int, seed: int) -> torch.Te
 
 def real_clips(path: str, frames: int, size: int, batch: int, stride: int = 2) -> torch.Tensor | None:
     if not os.path.exists(path):
-        return None
+        raise SystemExit(f"--real {path}: no such file (the shipped clip is benchmarks/data/cityCC0_224.mp4; "
+                         f"--no-real skips the row)")
     try:
         import av
     except ImportError:
@@ -113,9 +115,7 @@ def clip_sets(args):
         sets.append((f"synthetic, {1 - moving:.0%} static", x, expect))
     real = None if args.no_real else real_clips(args.real, args.frames, args.size, args.batch)
     if real is not None:
-        sets.append(("cityCC0.mpg (real, slow pan)", real, None))
-    elif not args.no_real:
-        print(f"(no real clip at {args.real}: skipped)")
+        sets.append((f"{os.path.basename(args.real)} (real clip)", real, None))
     return sets
 
 

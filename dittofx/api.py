@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-import threading
+from itertools import chain
 
 import torch
 from torch import fx, nn
@@ -16,6 +16,7 @@ from dittofx.passes.spec import parse_passes
 from dittofx.report import Report
 from dittofx.rewriter.capture import Capture, capture
 from dittofx.rewriter.edit import copy_module
+from dittofx.rewriter.quiet import EXPORT_LOCK
 
 
 def optimize(model: nn.Module, passes=(), example_inputs=None, example_kwargs=None, *,
@@ -52,7 +53,7 @@ def optimize(model: nn.Module, passes=(), example_inputs=None, example_kwargs=No
 class _Variant(nn.Module):
     """One captured and rewritten graph, for one call signature."""
 
-    def __init__(self, gm: fx.GraphModule, cap: Capture, report: Report, compiled: bool):
+    def __init__(self, gm: fx.GraphModule, cap: Capture, report: Report, compiled: bool, original: nn.Module):
         super().__init__()
         self.gm = gm
         self.capture = cap
@@ -61,6 +62,8 @@ class _Variant(nn.Module):
         self.key = signature.call_key(cap.example_inputs, cap.example_kwargs, free)
         self.free_batch = free
         self.compiled = compiled
+        self.compiled_yet = False
+        self.shared = _shared_tensors(gm, original)
         self.build_runner()
 
     def build_runner(self) -> None:
@@ -68,13 +71,44 @@ class _Variant(nn.Module):
         eager program over the same tensors."""
         self.runner = runtime.make_runner(self.gm, self.compiled)
 
+    def rebind(self, original: nn.Module) -> bool:
+        """Point the graph again at the original's tensors where the original replaced them (`.to()`
+        on buffers, `load_state_dict(assign=True)`); whether any changed."""
+        current = _named_tensors(original)
+        changed = False
+        for owner, kind, attr, name in self.shared:
+            tensor = current.get(name)
+            if tensor is not None and getattr(owner, kind).get(attr) is not tensor:
+                getattr(owner, kind)[attr] = tensor
+                changed = True
+        return changed
+
     def matches(self, args, kwargs) -> bool:
         return signature.call_key(args, kwargs, self.free_batch) == self.key
 
     def run(self, args, kwargs):
         if isinstance(self.runner, fx.GraphModule) and (torch.compiler.is_exporting() or torch.compiler.is_compiling()):
             return self.gm(*args, **kwargs)  # traced by the caller: the graph itself, its tensors registered
+        if self.compiled and not self.compiled_yet:  # torch.compile compiles on the first call: minutes, said
+            with _log.stage("torch.compile the rewritten graph (first call)"):
+                out = self.runner(*args, **kwargs)
+            self.compiled_yet = True
+            return out
         return self.runner(*args, **kwargs)
+
+
+def _named_tensors(module: nn.Module) -> dict:
+    return dict(chain(module.named_parameters(remove_duplicate=False), module.named_buffers(remove_duplicate=False)))
+
+
+def _shared_tensors(gm: nn.Module, original: nn.Module) -> list[tuple[nn.Module, str, str, str]]:
+    """(module of `gm`, "_parameters" or "_buffers", name there, the original's name) of each tensor of
+    `gm` that is one of the original's: the graph computes with the original's weights, not copies."""
+    names = {id(t): name for name, t in _named_tensors(original).items()}
+    return [(owner, kind, attr, names[id(t)])
+            for _, owner in gm.named_modules(remove_duplicate=False)
+            for kind in ("_parameters", "_buffers")
+            for attr, t in getattr(owner, kind).items() if t is not None and id(t) in names]
 
 
 class OptimizedModule(nn.Module):
@@ -105,9 +139,10 @@ class OptimizedModule(nn.Module):
         self.dynamic_batch = dynamic_batch
         self.compiled = compile
         self.check = check
-        self.__dict__["_building"] = threading.Lock()
         self.variants = nn.ModuleList()
-        self._build(example_inputs, example_kwargs)
+        self.register_load_state_dict_post_hook(_drop_graph_keys)
+        with EXPORT_LOCK:
+            self._build(example_inputs, example_kwargs)
 
     @property
     def original(self) -> nn.Module:
@@ -127,7 +162,14 @@ class OptimizedModule(nn.Module):
         return runtime.is_stateful(self.graph_module)
 
     def forward(self, *args, **kwargs):
-        return self._variant(args, kwargs).run(args, kwargs)
+        variant = self._variant(args, kwargs)
+        try:
+            return variant.run(args, kwargs)
+        except Exception:
+            # an empty batch has nothing to merge, drop or cache, but rewritten sizes may divide by it
+            if signature.batch_of([t for _, t in signature.leaves((args, kwargs))]) == 0:
+                return self.original(*args, **kwargs)
+            raise
 
     def graph_for(self, args=None, kwargs=None) -> tuple[fx.GraphModule, tuple, dict]:
         """(rewritten graph, args, kwargs): the graph that serves `self(*args, **kwargs)`, captured now if
@@ -140,11 +182,13 @@ class OptimizedModule(nn.Module):
         return self._variant(args, kwargs).gm, args, kwargs
 
     def _variant(self, args: tuple, kwargs: dict) -> _Variant:
-        for variant in self.variants:
+        for variant in tuple(self.variants):  # a snapshot: another thread may append meanwhile
             if variant.matches(args, kwargs):
                 return variant
-        with self.__dict__["_building"]:  # torch.export is not thread-safe: one capture at a time
-            for variant in self.variants:  # another thread may have captured this form meanwhile
+        # One build at a time in the process: torch.export patches process-wide state, and the check
+        # runs the original, whose weights another thread's export swaps for fakes (rewriter/quiet.py).
+        with EXPORT_LOCK:
+            for variant in tuple(self.variants):  # another thread may have captured this form meanwhile
                 if variant.matches(args, kwargs):
                     return variant
             return self._build(args, kwargs)
@@ -154,7 +198,7 @@ class OptimizedModule(nn.Module):
         cap = capture(self.original, args, kwargs, dynamic_batch=self.dynamic_batch)
         base = copy_module(cap.graph_module) if self.check else None
         gm, report = PassManager(self.passes).run(self.original, cap)
-        variant = _Variant(gm, cap, report, self.compiled)
+        variant = _Variant(gm, cap, report, self.compiled, self.original)
         if base is not None:
             with _log.stage("checking the rewritten model at its exact setting"):
                 run = variant.runner if not self.compiled else None  # compiling only to check: too slow
@@ -163,12 +207,45 @@ class OptimizedModule(nn.Module):
         return variant
 
     def _apply(self, fn, *args, **kwargs):
-        """`.to()`, `.half()`, ...: eager programs read the tensors directly, so they are bound again."""
+        """`.to()`, `.half()`, ...: the original's tensors and the graphs' (the same, shared); buffers
+        come back as new tensors, which the graphs are pointed at again, and eager programs, which read
+        the tensors directly, are bound again."""
+        self.original._apply(fn, *args, **kwargs)
         result = super()._apply(fn, *args, **kwargs)
-        for variant in self.variants:
-            if not variant.compiled:
-                variant.build_runner()
+        self._rebind(always=True)
         return result
+
+    def _rebind(self, always: bool = False) -> None:
+        for variant in self.variants:
+            if (variant.rebind(self.original) or always) and not variant.compiled:
+                variant.build_runner()
+
+    # Checkpoints are the original's: its state_dict loads here, this one loads into it, and loaded
+    # weights are what the next call computes with (the graphs share the original's tensors).
+    def state_dict(self, *args, destination=None, prefix: str = "", keep_vars: bool = False):
+        """The original's state_dict (the same keys; the graphs' copies of its names are left out)."""
+        return self.original.state_dict(*args, destination=destination, prefix=prefix, keep_vars=keep_vars)
+
+    def load_state_dict(self, state_dict, strict: bool = True, assign: bool = False):
+        """Load into the original (its keys); the next call computes with the loaded weights, none of
+        what stateful passes kept from the old ones (PAB's caches: a new generation)."""
+        result = self.original.load_state_dict(state_dict, strict=strict, assign=assign)
+        self._loaded()
+        return result
+
+    def _loaded(self) -> None:
+        self._rebind()
+        self.reset()
+
+    def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
+                              error_msgs):
+        """Inside a parent's load_state_dict: the keys under `prefix` are the original's (see state_dict)."""
+        own = {k[len(prefix):]: v for k, v in state_dict.items() if k.startswith(prefix)}
+        result = self.original.load_state_dict(own, strict=False,
+                                               assign=local_metadata.get("assign_to_params_buffers", False))
+        missing_keys.extend(prefix + k for k in result.missing_keys)
+        unexpected_keys.extend(prefix + k for k in result.unexpected_keys)
+        self.__dict__["_loading_prefix"] = prefix
 
     def reset(self) -> None:
         """Reset the state of stateful passes (e.g. PAB's caches) in every captured graph."""
@@ -207,6 +284,14 @@ class OptimizedModule(nn.Module):
 
     def extra_repr(self) -> str:
         return f"model={type(self.original).__name__}, passes=[{', '.join(p.spec() for p in self.passes)}]"
+
+
+def _drop_graph_keys(module: OptimizedModule, incompatible) -> None:
+    """After a parent's load_state_dict: the graphs' keys are not in the original's checkpoint, and
+    not missing (their tensors are the original's, loaded by `_load_from_state_dict`)."""
+    graphs = module.__dict__.pop("_loading_prefix", "") + "variants."
+    incompatible.missing_keys[:] = [k for k in incompatible.missing_keys if not k.startswith(graphs)]
+    module._loaded()
 
 
 def rewrite(model: nn.Module, passes: list[Pass], args: tuple, kwargs: dict, *, dynamic_batch: bool = True):

@@ -3,6 +3,12 @@
 The CLI prints them without a traceback and exits with code 2; the Python API raises them.
 """
 
+import re
+
+# ANSI escape sequences (colours, cursor moves) that libraries put into their messages
+_ANSI = re.compile(r"\x1b(?:\[[0-?]*[ -/]*[@-~]|\][^\x07\x1b]*(?:\x07|\x1b\\)|[@-Z\\-_])")
+_CONTROL = re.compile(r"[\x00-\x1f\x7f-\x9f]")
+
 
 class DittoError(Exception):
     """Base of every error caused by the user's input rather than by a bug in dittofx."""
@@ -33,10 +39,19 @@ class ExportError(DittoError):
     """An export that failed or did not match its PyTorch module; no file is left behind."""
 
 
+def plain(text: str) -> str:
+    """`text` as one line of plain text: colour codes dropped, line breaks and tabs made spaces, any other
+    control character shown as an escape (\\x1b), so an error line never drives the terminal."""
+    text = _ANSI.sub("", str(text))
+    text = re.sub(r"\s*[\r\n\t\v\f]+\s*", " ", text).strip()
+    return _CONTROL.sub(lambda m: f"\\x{ord(m.group()):02x}", text)
+
+
 def first_line(e: BaseException, limit: int = 300) -> str:
-    """The first non-empty line of an exception's message (its type name if there is none), cut to
-    `limit` characters: what a one-line user error quotes of an underlying failure."""
-    line = next((ln.strip() for ln in str(e).splitlines() if ln.strip()), type(e).__name__)
+    """The first non-empty line of an exception's message (its type name if there is none), as plain
+    text cut to `limit` characters: what a one-line user error quotes of an underlying failure."""
+    lines = (plain(ln) for ln in _ANSI.sub("", str(e)).splitlines())
+    line = next((ln for ln in lines if ln), type(e).__name__)
     return line if len(line) <= limit else line[: limit - 3] + "..."
 
 

@@ -36,6 +36,9 @@ class Report:
     patch_embedding: str | None = None
     # name -> an object a pass keeps up to date at run time (e.g. RLT's tokens kept per clip); str() describes it
     stats: dict = field(default_factory=dict)
+    # spec -> its notes, for a pass that changed nothing (its options leave every block as it is): said
+    # in a line of its own, or the report reads as if it applied
+    unchanged: dict[str, list[str]] = field(default_factory=dict)
 
     def block(self, name: str) -> BlockReport:
         for b in self.blocks:
@@ -52,6 +55,16 @@ class Report:
             head.append(f"timestep input: {self.timestep_input}")
         if self.passes:
             head.append(f"passes: {' '.join(self.passes)}")
-        lines = head + [b.line() for b in self.blocks] + [f"note: {n}" for n in self.notes]
+        head += [unchanged_line(spec, notes) for spec, notes in self.unchanged.items()]
+        said = {n for notes in self.unchanged.values() for n in notes}
+        lines = head + [b.line() for b in self.blocks] + [f"note: {n}" for n in self.notes if n not in said]
         lines += [f"{name}: {value}" for name, value in self.stats.items()]
         return "\n".join(lines)
+
+
+def unchanged_line(spec: str, notes: list[str]) -> str:
+    """The line for a pass that changed nothing, its own notes saying why, e.g. "pass 'tome:r=0' changed
+    nothing: r=0, nothing merged"."""
+    name = spec.partition(":")[0] + ": "
+    why = "; ".join(n[len(name):] if n.startswith(name) else n for n in notes)
+    return f"pass {spec!r} changed nothing: {why or 'it found nothing to rewrite with these options'}"

@@ -10,7 +10,8 @@ PAB reuses each attention's output for a few steps inside a timestep window (spa
 cross every 6th; DiT has self-attention only). The pipeline's own loop drives it: the optimized
 transformer reads the timestep of every call, and `reset()` (or a timestep higher than the last one)
 starts a new generation. Both pipelines run from the same seed; the images are compared by PSNR,
-and the loops are timed interleaved.
+and the loops are timed interleaved. Full mode takes minutes on a CPU: each phase is announced with
+the time, and each generation shows the pipeline's progress bar (which phase, step k of n) on stderr.
 """
 
 from __future__ import annotations
@@ -36,7 +37,13 @@ def tiny_pipeline():
     return DiTPipeline(transformer=transformer.eval(), vae=vae.eval(), scheduler=DDIMScheduler())
 
 
-def generate(pipe, labels, steps, seed):
+def phase(text: str) -> None:
+    print(f"[{time.strftime('%H:%M:%S')}] {text}", flush=True)
+
+
+def generate(pipe, labels, steps, seed, what: str | None = None):
+    """One generation; `what` names it on the pipeline's progress bar (None: no bar)."""
+    pipe.set_progress_bar_config(disable=what is None, desc=what, leave=False)
     generator = torch.Generator().manual_seed(seed)
     return pipe(class_labels=labels, num_inference_steps=steps, generator=generator, output_type="pt").images
 
@@ -57,8 +64,9 @@ def main(argv=None) -> int:
 
     from diffusers import DiTPipeline
 
+    if not args.fast:
+        phase(f"loading the pipeline from {args.model_dir}")
     pipe = tiny_pipeline() if args.fast else DiTPipeline.from_pretrained(args.model_dir)
-    pipe.set_progress_bar_config(disable=True)
     labels = [int(v) for v in args.labels.split(",")][: 2 if args.fast else None]
     steps = 10 if args.fast else args.steps
 
@@ -69,24 +77,36 @@ def main(argv=None) -> int:
     example = torch.randn(n, cfg.in_channels, cfg.sample_size, cfg.sample_size)
     kwargs = {"timestep": torch.full((n,), 500, dtype=torch.long),
               "class_labels": torch.tensor(labels + [1000] * len(labels))}
+    if not args.fast:
+        phase(f"capturing the transformer and rewriting it with {args.pab}")
     opt = dittofx.optimize(transformer, [args.pab], example_inputs=(example,), example_kwargs=kwargs)
     sites = sum(len(b.kinds) for b in opt.report.blocks)
     print(f"{args.pab}: {len(opt.report.blocks)} blocks, {sites} attention sites, timestep input "
           f"{opt.report.timestep_input!r}")
 
-    reference = generate(pipe, labels, steps, args.seed)
+    rounds = 1 if args.fast else 3
+    phases = 2 + 2 * rounds
+
+    def bar(k: int, text: str) -> str | None:
+        """The progress bar's name for generation k (full mode only: CI's output stays short)."""
+        return None if args.fast else f"{k}/{phases} {text}"
+
+    if not args.fast:
+        phase(f"{phases} generations of {len(labels)} images, {steps} steps each: the untouched and the PAB "
+              f"pipeline, then {rounds} timed rounds of both")
+    reference = generate(pipe, labels, steps, args.seed, bar(1, "untouched (reference)"))
     pipe.transformer = opt  # a drop-in: the pipeline reads opt.config, opt.dtype as before
     opt.reset()
-    images = generate(pipe, labels, steps, args.seed)
+    images = generate(pipe, labels, steps, args.seed, bar(2, "PAB"))
     print(f"PAB vs untouched over {steps} steps: PSNR {psnr(images, reference):.1f} dB (images in [0, 1])")
 
     # time whole generations, interleaved (A B A B ...), median ratio
     ratios, times = [], {"untouched": [], "PAB": []}
-    for _ in range(1 if args.fast else 3):
-        for name, module in (("untouched", transformer), ("PAB", opt)):
+    for i in range(rounds):
+        for j, (name, module) in enumerate((("untouched", transformer), ("PAB", opt))):
             pipe.transformer = module
             start = time.perf_counter()
-            generate(pipe, labels, steps, args.seed)
+            generate(pipe, labels, steps, args.seed, bar(3 + 2 * i + j, f"timing round {i + 1}/{rounds}: {name}"))
             times[name].append(time.perf_counter() - start)
         ratios.append(times["untouched"][-1] / times["PAB"][-1])
     ratios.sort()

@@ -4,7 +4,11 @@ import warnings
 import pytest
 import torch
 
-torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", "2")))
+# The cores are shared among pytest-xdist's workers (`-n auto`): each worker, and what it starts, gets its share.
+_THREADS = max(1, int(os.environ.get("OMP_NUM_THREADS", os.cpu_count() or 1))
+               // int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1")))
+os.environ["OMP_NUM_THREADS"] = str(_THREADS)
+torch.set_num_threads(_THREADS)
 warnings.filterwarnings("ignore", category=UserWarning)
 
 

@@ -104,3 +104,91 @@ def test_capture_failure_is_one_line():
         dittofx.optimize(DataDependent(), [], (torch.randn(2, 3),))
     msg = str(e.value)
     assert "\n" not in msg and "torch.export could not capture DataDependent" in msg and "control flow" in msg
+
+
+def test_example_size_the_model_refuses_is_named_not_control_flow():
+    import timm
+
+    model = timm.create_model("vit_tiny_patch16_224", pretrained=False, depth=1, img_size=32, patch_size=8).eval()
+    with pytest.raises(DittoError) as e:
+        dittofx.optimize(model, ["sdpa"], (torch.randn(1, 3, 48, 48),))
+    msg = str(e.value)
+    assert "\n" not in msg and "Input height (48) doesn't match model (32)" in msg and "control flow" not in msg
+
+
+def test_an_example_batch_of_0_is_refused():
+    zm = zoo.build("vit")
+    with pytest.raises(DittoError, match="batch of 0"):
+        dittofx.optimize(zm.model, [], (zm.example_inputs[0][:0],))
+
+
+@pytest.mark.parametrize("assign", [False, True])
+def test_checkpoints_load_both_ways_and_the_next_call_uses_them(assign):
+    zm, other = zoo.build("vit"), zoo.build("vit", seed=1)  # same architecture, other weights
+    opt = dittofx.optimize(zm.model, [], zm.example_inputs)
+    assert list(opt.state_dict()) == list(zm.model.state_dict())
+    opt.load_state_dict(other.model.state_dict(), assign=assign)  # the original's checkpoint into the drop-in
+    assert torch.equal(run(opt, zm), run(other.model, zm))
+    fresh = zoo.build("vit", seed=2).model
+    fresh.load_state_dict(opt.state_dict())  # and the drop-in's into the original
+    assert torch.equal(run(fresh, zm), run(other.model, zm))
+
+
+def test_checkpoints_of_a_model_holding_the_drop_in_load_both_ways():
+    zm, other = zoo.build("vit"), zoo.build("vit", seed=1)
+    holder = torch.nn.Sequential(dittofx.optimize(zm.model, [], zm.example_inputs))
+    assert list(holder.state_dict()) == list(torch.nn.Sequential(zm.model).state_dict())
+    holder.load_state_dict(torch.nn.Sequential(other.model).state_dict())
+    assert torch.equal(run(holder, zm), run(other.model, zm))
+    fresh = torch.nn.Sequential(zoo.build("vit", seed=2).model)
+    fresh.load_state_dict(holder.state_dict())
+    assert torch.equal(run(fresh, zm), run(other.model, zm))
+    with pytest.raises(RuntimeError, match="Missing key") as e:  # strict loading still says what is missing
+        holder.load_state_dict({k: v for k, v in holder.state_dict().items() if not k.endswith("head.bias")})
+    assert '"0.head.bias"' in str(e.value) and "variants" not in str(e.value)
+
+
+def test_loaded_weights_are_not_mixed_with_pab_caches_of_the_old_ones():
+    zm, other = zoo.build("latte"), zoo.build("latte", seed=1)
+    opt = dittofx.optimize(zm.model, ["pab"], zm.example_inputs, zm.example_kwargs, check=False)
+
+    def at(model, t):
+        with torch.no_grad():
+            kwargs = {**zm.example_kwargs, "timestep": torch.full_like(zm.example_kwargs["timestep"], t)}
+            return model(*zm.example_inputs, **kwargs).sample
+
+    at(opt, 600)  # a generation's first step: its caches hold attention of the old weights
+    opt.load_state_dict(other.model.state_dict())
+    torch.testing.assert_close(at(opt, 500), at(other.model, 500))  # broadcast from them: 1.39 off
+
+
+class Shifted(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.proj = torch.nn.Linear(4, 3)
+        self.register_buffer("shift", torch.randn(3))
+
+    def forward(self, x):
+        return self.proj(x) + self.shift
+
+
+def test_after_a_conversion_the_graph_and_the_original_share_the_tensors():
+    model = Shifted()
+    opt = dittofx.optimize(model, [], (torch.randn(2, 4),))
+    opt.double()  # .double() makes a new buffer tensor: the graph must read the original's
+    assert model.shift.dtype == torch.float64
+    other = Shifted().double()
+    opt.load_state_dict(other.state_dict())
+    x = torch.randn(5, 4, dtype=torch.float64)
+    with torch.no_grad():
+        assert torch.equal(opt(x), other(x))
+
+
+def test_compile_mode_shows_its_first_call_as_a_stage(caplog):
+    opt = dittofx.optimize(torch.nn.Linear(4, 3), [], (torch.randn(2, 4),), compile=True, check=False)
+    with caplog.at_level("DEBUG", logger="dittofx"), torch.no_grad():
+        opt(torch.randn(2, 4))
+        opt(torch.randn(2, 4))
+    stages = [(r.dittofx_stage, r.title) for r in caplog.records if getattr(r, "dittofx_stage", None)]
+    assert stages == [("start", "torch.compile the rewritten graph (first call)"),
+                      ("done", "torch.compile the rewritten graph (first call)")]

@@ -73,3 +73,26 @@ def test_tensorrt_example():
         assert "engine:" in result.stdout and "TensorRT ToMe vs PyTorch untouched: cosine" in result.stdout
     else:
         assert "TensorRT engine skipped" in result.stdout and "NVIDIA GPU" in result.stdout
+
+
+def test_dit_pab_full_mode_says_which_phase_and_step(tmp_path):
+    """Full mode (minutes on a real DiT) announces each phase and shows step k of n of every generation."""
+    if _missing(["pab"]):
+        pytest.skip("diffusers_dit_pab.py needs dittofx.passes.pab, not in this checkout yet")
+    spec = importlib.util.spec_from_file_location("diffusers_dit_pab", os.path.join(EXAMPLES, "diffusers_dit_pab.py"))
+    example = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(example)
+    example.tiny_pipeline().save_pretrained(tmp_path / "dit")  # a local pipeline folder, as full mode takes
+    env = dict(os.environ)
+    env["PYTHONPATH"] = ROOT + (os.pathsep + env["PYTHONPATH"] if env.get("PYTHONPATH") else "")
+    env.setdefault("OMP_NUM_THREADS", "2")
+    result = subprocess.run([sys.executable, os.path.join(EXAMPLES, "diffusers_dit_pab.py"), "--model-dir",
+                             str(tmp_path / "dit"), "--steps", "3", "--labels", "1,2"], cwd=ROOT, env=env,
+                            capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, f"{result.stdout[-3000:]}\n{result.stderr[-3000:]}"
+    for text in ("loading the pipeline", "capturing the transformer", "8 generations of 2 images, 3 steps each"):
+        assert text in result.stdout, result.stdout
+    for what in ("1/8 untouched (reference)", "2/8 PAB", "3/8 timing round 1/3: untouched",
+                 "8/8 timing round 3/3: PAB"):
+        assert what in result.stderr, result.stderr[-3000:]
+    assert "| 3/3 [" in result.stderr  # step 3 of 3 on a generation's bar

@@ -2,6 +2,8 @@
 
 User errors (DittoError) print one line and exit with code 2, never a traceback; a bug in dittofx
 (InternalError: a pass broke the graph) prints one line asking for a report and exits with code 3.
+Both are plain text (errors.plain): whatever a library or the user's input put in the message, no
+colour code or line break reaches the terminal or a log.
 """
 
 from __future__ import annotations
@@ -10,7 +12,7 @@ import argparse
 import importlib
 import sys
 
-from dittofx.errors import DittoError, InternalError
+from dittofx.errors import DittoError, InternalError, plain
 
 # Subcommand modules, in the order `dittofx --help` lists them.
 COMMANDS = ["inspect", "export", "bench", "tune", "demo"]
@@ -18,7 +20,7 @@ COMMANDS = ["inspect", "export", "bench", "tune", "demo"]
 
 class _Parser(argparse.ArgumentParser):
     def error(self, message):  # argparse's own usage errors: one line, exit 2
-        self.exit(2, f"{self.prog}: error: {message}\n")
+        self.exit(2, f"{self.prog}: error: {plain(message)}\n")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -49,10 +51,10 @@ def main(argv: list[str] | None = None) -> int:
         with progress.library_log():
             return args.run(args) or 0
     except DittoError as e:
-        print(f"dittofx: error: {e}", file=sys.stderr)
+        print(f"dittofx: error: {plain(str(e))}", file=sys.stderr)
         return 2
     except InternalError as e:
-        print(f"dittofx: internal error: {e}", file=sys.stderr)
+        print(f"dittofx: internal error: {plain(str(e))}", file=sys.stderr)
         return 3
     except KeyboardInterrupt:
         print("dittofx: interrupted", file=sys.stderr)

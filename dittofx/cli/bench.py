@@ -9,6 +9,9 @@ Timing: the untouched model and every optimized setting run in turn (A B C A B C
 times after a warm-up; the table quotes medians, and the speed-up is the median of the per-round
 ratios, with the spread (half the range of those ratios: differences below it are noise). Next to
 it, the FLOP-ratio bound (matmuls, convolutions and attention counted eagerly; `dittofx.measure.flops`).
+A forward is timed at batch 8 unless `--batch` says otherwise (at batch 1 a small model runs in a few
+milliseconds, where fixed per-call costs and noise hide what a pass saves), a diffusion loop at
+batch 1; a timed run under 10 ms is warned about.
 
 Agreement with the untouched model (`dittofx.measure.agreement`): cosine and top-1 for classifiers,
 cosine for other encoders, PSNR of the final latent for diffusion models. A diffusion model (its
@@ -35,6 +38,7 @@ from dittofx.cli.common import add_model_args, add_pass_args, load_model, writab
 from dittofx.errors import DittoError
 
 RUNTIMES = ("eager", "compile", "onnxruntime", "tensorrt")
+DEFAULT_BATCH = 8  # a forward timed at batch 1 is mostly fixed costs and noise for small models
 
 
 def register(subparsers) -> None:
@@ -43,6 +47,7 @@ def register(subparsers) -> None:
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     add_model_args(p)
+    _timed_batch_default(p)
     add_pass_args(p)
     p.add_argument("--runtime", choices=RUNTIMES, default="eager",
                    help="eager PyTorch (default), torch.compile, onnxruntime (both exported to ONNX), tensorrt "
@@ -59,6 +64,14 @@ def register(subparsers) -> None:
     p.add_argument("--json", dest="json_out", metavar="OUT.json", help="write every number as JSON")
     p.add_argument("--threads", type=int, default=None, help="CPU threads for PyTorch and onnxruntime")
     p.set_defaults(run=run)
+
+
+def _timed_batch_default(p) -> None:
+    """bench's --batch: what is timed; by default 8 for a forward, 1 for a diffusion loop (decided after capture)."""
+    batch = next(a for a in p._actions if a.dest == "batch")
+    batch.default = None
+    batch.help = (f"batch size timed (default {DEFAULT_BATCH} for a forward, 1 for a diffusion loop; the model is "
+                  f"captured at the batch given, or 1)")
 
 
 def add_workload_args(p) -> None:
@@ -149,7 +162,7 @@ def run(args) -> int:
     from dittofx.measure.agreement import check_metric, default_metric
     from dittofx.measure.bench import eager_call, machine, measure_agreement, parse_sweep, plot
     from dittofx.measure.flops import count_flops
-    from dittofx.measure.timing import interleaved
+    from dittofx.measure.timing import MIN_TIMED_SECONDS, interleaved
     from dittofx.measure.workload import call_module
     from dittofx.passes.spec import parse_pass
 
@@ -178,7 +191,7 @@ def run(args) -> int:
         torch.set_num_threads(args.threads)
 
     with progress.stage(f"load {args.model}" + (f" with {args.weights}" if args.weights else "")):
-        loaded = load_model(args)
+        loaded = load_model(argparse.Namespace(**{**vars(args), "batch": 1 if args.batch is None else args.batch}))
     optimized = []  # (sweep value, spec text, OptimizedModule)
     for label, specs in points:
         name = " ".join(specs)
@@ -189,7 +202,8 @@ def run(args) -> int:
             raise DittoError(f"--runtime tensorrt cannot run {name}: its state lives outside the graph "
                              f"(PAB's caches); bench PAB with --runtime eager, compile or onnxruntime")
         optimized.append((label, name, opt))
-    su = setup_for(args, loaded, optimized[0][2].report)
+    report = optimized[0][2].report
+    su = setup_for(args, loaded, report, batch=args.batch or (1 if report.timestep_input else DEFAULT_BATCH))
     kind = su.kind
     metric = args.metric or default_metric(kind)
     check_metric(metric, kind)
@@ -226,6 +240,7 @@ def run(args) -> int:
         with progress.stage("count FLOPs"):
             base_flops = count_flops(lambda: wl.run(call_module(model)))
             flops = [count_flops(lambda o=opt: wl.run(eager_call(o), reset=o.reset)) for _, _, opt in optimized]
+        _warn_nothing_dropped(optimized, args.inputs)  # RLT's counts of that eager run
 
         # timing, interleaved
         fns = {"untouched": lambda: wl.run(base_call)}
@@ -239,6 +254,11 @@ def run(args) -> int:
 
     rows = []
     base_t = timings["untouched"]
+    if base_t.median < MIN_TIMED_SECONDS:
+        per = f"a {wl.steps}-step loop" if wl.diffusion else f"a forward at batch {wl.batch}"
+        progress.warn(f"the untouched model takes {base_t.median * 1e3:.1f} ms for {per}: under "
+                      f"{MIN_TIMED_SECONDS * 1e3:.0f} ms, fixed per-call costs and noise dominate the speed-up; "
+                      f"time a larger batch, e.g. --batch {_larger_batch(wl.batch, base_t.median)}")
     for (label, name, _), agr, fl in zip(optimized, agreements, flops):
         t = timings[name]
         rows.append({
@@ -266,6 +286,28 @@ def run(args) -> int:
         write_atomic(plot_out, lambda tmp: plot(result, agreements, tmp))
         print(f"wrote {plot_out}")
     return 0
+
+
+def _larger_batch(batch: int, seconds: float) -> int:
+    """A batch whose run takes about 5x the shortest time worth timing, a power of two."""
+    from dittofx.measure.timing import MIN_TIMED_SECONDS
+
+    want = batch * 5 * MIN_TIMED_SECONDS / max(seconds, 1e-6)
+    return 1 << max(1, math.ceil(math.log2(max(want, 2))))
+
+
+def _warn_nothing_dropped(optimized, inputs) -> None:
+    """RLT that kept every token at every setting measured nothing: say so (random noise has no static tubelets)."""
+    from dittofx.cli import progress
+
+    counts = [getattr(opt.report.stats.get("rlt"), "kept", None) for _, _, opt in optimized]
+    states = [opt.report.stats.get("rlt") for _, _, opt in optimized]
+    if not any(c is not None for c in counts):
+        return
+    if all(c is None or all(k == s.total for k in c) for c, s in zip(counts, states)):
+        where = ("random noise has no static tubelets; pass --inputs with real videos (a folder of clips or a "
+                 ".pt file)") if inputs is None else f"the clips of {inputs} have no static tubelets at these settings"
+        progress.warn(f"rlt dropped no tubelet at any setting (every token kept): {where}")
 
 
 def _slug(text: str) -> str:
@@ -336,9 +378,9 @@ def _print_table(result: dict, agreements) -> None:
           f"FLOP bound: untouched / optimized FLOPs; agreement on {result['agreement_inputs']}")
 
 
-def setup_for(args, loaded, report, random_samples: int | None = None):
-    """measure.bench.make_setup with the workload options of the command line."""
+def setup_for(args, loaded, report, random_samples: int | None = None, batch: int | None = None):
+    """measure.bench.make_setup with the workload options of the command line (`batch`: instead of --batch)."""
     from dittofx.measure.bench import make_setup
 
-    return make_setup(loaded, report, spec=args.model, steps=args.steps, batch=args.batch, inputs=args.inputs,
+    return make_setup(loaded, report, spec=args.model, steps=args.steps, batch=batch or args.batch, inputs=args.inputs,
                       max_inputs=args.max_inputs, frame_stride=args.frame_stride, random_samples=random_samples)

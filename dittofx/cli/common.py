@@ -8,7 +8,8 @@ import re
 from dittofx.errors import DittoError
 
 MODEL_HELP = ("timm:NAME | hf:DIR_OR_ID | diffusers:DIR_OR_ID[#subfolder] | FILE.py:FUNCTION | zoo:NAME "
-              "(small random-config models: see `dittofx.models.zoo.NAMES`)")
+              "(small random-config models: see `dittofx.models.zoo.NAMES`). A hub id (ORG/NAME) is read from the "
+              "local Hugging Face cache; only --pretrained downloads it")
 
 
 def shape(text: str) -> tuple[int, ...]:
@@ -25,7 +26,10 @@ def shape(text: str) -> tuple[int, ...]:
 def add_model_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("model", metavar="MODEL", help=MODEL_HELP)
     parser.add_argument("--weights", metavar="FILE", help="weights to load: a safetensors file or a torch state dict")
-    parser.add_argument("--pretrained", action="store_true", help="let timm/transformers/diffusers download weights")
+    parser.add_argument("--pretrained", action="store_true",
+                        help="let timm download its pretrained weights and hf:/diffusers: hub ids be downloaded. "
+                             "The hub is contacted only with this flag, after it answered within 3 s; otherwise "
+                             "(or with HF_HUB_OFFLINE=1) only the local Hugging Face cache is read")
     parser.add_argument("--input-shape", type=shape, metavar="C,H,W", help="input size without the batch, where it "
                         "cannot be inferred from the model")
     parser.add_argument("--batch", type=int, default=1, help="example batch size (default 1; the graph's batch is "
@@ -40,6 +44,17 @@ def add_pass_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--no-check", dest="check", action="store_false",
                         help="skip the check that the rewritten model at the passes' exact setting computes what "
                              "the model does (one forward of each on the example inputs)")
+
+
+def parse_pass_args(specs: list[str]) -> list:
+    """The --pass specs as passes, their order checked: a typo in a spec is one line before the model
+    is loaded, not after."""
+    from dittofx.passes.manager import check_order
+    from dittofx.passes.spec import parse_passes
+
+    passes = parse_passes(specs)
+    check_order(passes)
+    return passes
 
 
 def writable(path: str, flag: str) -> str:

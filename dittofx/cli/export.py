@@ -12,6 +12,7 @@ import os
 
 from dittofx.cli.common import add_model_args, add_pass_args, load_model
 from dittofx.errors import DittoError, ExportError
+from dittofx.exporters.verify import DEFAULT_ATOL, DEFAULT_RTOL, check_tolerances
 from dittofx.passes.spec import pass_name
 
 ENGINE_SUFFIXES = (".plan", ".engine", ".trt")
@@ -28,14 +29,18 @@ def register(subparsers) -> None:
     p.add_argument("--format", choices=["onnx", "tensorrt"], default=None,
                    help="onnx (default) or tensorrt (default when OUT ends in .plan/.engine)")
     p.add_argument("-o", "--output", required=True, metavar="OUT",
-                   help="the file to write (with --pass pab: a new folder, one ONNX per broadcast pattern)")
+                   help="the file to write (with --pass pab: a new folder, one ONNX per broadcast pattern); "
+                   "a symbolic link is written through: its target is replaced, the link stays")
     p.add_argument("--opset", type=int, default=None,
                    help="ONNX opset, 18 (default) to 25; 23+ gives the ONNX Attention op")
     p.add_argument("--optimize", action="store_true",
                    help="optimize the ONNX (onnxscript; plus onnxruntime's offline optimizer for --format onnx)")
     _add_precision(p)
-    p.add_argument("--rtol", type=float, default=1e-4,
-                   help="largest accepted relative difference onnxruntime vs PyTorch (default 1e-4)")
+    p.add_argument("--rtol", type=float, default=DEFAULT_RTOL,
+                   help="onnxruntime vs PyTorch: every element within atol + rtol x |torch| "
+                   f"(default {DEFAULT_RTOL:g})")
+    p.add_argument("--atol", type=float, default=DEFAULT_ATOL,
+                   help=f"the absolute part of that tolerance (default {DEFAULT_ATOL:g})")
     p.add_argument("--timing-cache", metavar="FILE", help="TensorRT timing cache (with --format tensorrt)")
     p.set_defaults(run=run_export)
 
@@ -76,10 +81,11 @@ def _add_precision(p) -> None:
 
 def run_export(args) -> int:
     from dittofx.cli import progress
-    from dittofx.exporters.files import check_output_path
+    from dittofx.exporters.files import check_new_folder, check_output_path
 
+    check_tolerances(args.rtol, args.atol, DittoError)
     pab = any(pass_name(spec) == "pab" for spec in args.passes or ())
-    out = os.path.abspath(args.output) if pab else check_output_path(args.output)  # PAB: a folder (export_pab_onnx)
+    out = check_new_folder(args.output, "PAB export") if pab else check_output_path(args.output)
     fmt = args.format or ("tensorrt" if out.lower().endswith(ENGINE_SUFFIXES) else "onnx")
     if pab and (fmt == "tensorrt" or args.optimize):
         raise DittoError("a PAB model exports as a folder of ONNX models, one per broadcast pattern, run by "
@@ -104,11 +110,12 @@ def run_export(args) -> int:
             model = optimize(model, args.passes, example_inputs=loaded.example_inputs,
                              example_kwargs=loaded.example_kwargs, check=args.check)
 
-    common = dict(opset=args.opset, optimize=args.optimize, rtol=args.rtol)
+    common = dict(opset=args.opset, optimize=args.optimize, rtol=args.rtol, atol=args.atol)
     if pab:
         from dittofx.exporters.onnx_pab import export_pab_onnx
 
-        result = export_pab_onnx(model, out, loaded.example_inputs, loaded.example_kwargs, opset=args.opset)
+        result = export_pab_onnx(model, out, loaded.example_inputs, loaded.example_kwargs, opset=args.opset,
+                                 rtol=args.rtol, atol=args.atol)
     elif fmt == "onnx":
         from dittofx.exporters.onnx import export_onnx
 

@@ -27,6 +27,7 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import shlex
 
 from dittofx.cli.bench import add_workload_args, check_common, setup_for
 from dittofx.cli.common import add_model_args, load_model, writable
@@ -153,7 +154,7 @@ def run(args) -> int:
               f"outside the budget {_fmt(metric, budget)}")
     else:
         print(f"{rungs[chosen].spec} is the most aggressive setting searched")
-    print(f"use it: dittofx export {args.model} --pass {_quote(rungs[chosen].spec)} -o model.onnx")
+    print(f"use it: {export_command(args, rungs[chosen].spec)}")
     if json_out:
         print(f"wrote {json_out}")
     return 0
@@ -167,8 +168,19 @@ def _fmt(metric: str, value: float) -> str:
     return f"{value:.4f}"
 
 
-def _quote(spec: str) -> str:
-    return f"'{spec}'" if any(c in spec for c in "()[], ") else spec
+def export_command(args, spec: str) -> str:
+    """The `dittofx export` line that deploys `spec` on the model tuned: every flag that selects the model
+    or its weights kept (pasted without --weights, it would export random weights), and for PAB a folder
+    (its export writes one ONNX per broadcast pattern)."""
+    words = ["dittofx", "export", args.model]
+    if args.weights:
+        words += ["--weights", args.weights]
+    if args.pretrained:
+        words.append("--pretrained")
+    if args.input_shape:
+        words += ["--input-shape", ",".join(map(str, args.input_shape))]
+    words += ["--pass", spec, "-o", "model_pab/" if spec.partition(":")[0] == "pab" else "model.onnx"]
+    return shlex.join(words)
 
 
 def _print_table(rungs, tried, metric, budget, chosen) -> None:

@@ -39,10 +39,12 @@ import torch
 from torch import fx
 from torch.fx import _pytree as fx_pytree
 
+from dittofx._log import stage
 from dittofx._torch_compat import graph_specs
 from dittofx.errors import ExportError
 from dittofx.exporters.files import check_new_folder, publish_folder, staging_folder
-from dittofx.exporters.onnx import export_onnx
+from dittofx.exporters.onnx import export_onnx, stages_named
+from dittofx.exporters.verify import DEFAULT_ATOL, DEFAULT_RTOL, check_tolerances
 from dittofx.runtime.manifest import WEIGHTS, Manifest, Pattern
 from dittofx.runtime.pab import BroadcastState, PyramidBroadcast, Rule, cache_layout, patterns, program, site_outputs
 
@@ -136,17 +138,31 @@ def _share_weights(folder: str, entries: list[Pattern]) -> dict:
 
 
 def export_pab_onnx(module, directory, example_inputs=None, example_kwargs=None, *, timesteps=None,
-                    opset: int | None = None, dynamic_batch: bool = True, check: bool = True) -> PABExport:
+                    opset: int | None = None, dynamic_batch: bool = True, check: bool = True,
+                    rtol: float = DEFAULT_RTOL, atol: float = DEFAULT_ATOL) -> PABExport:
     """Write one ONNX model per broadcast pattern and a manifest into `directory` (new or empty).
 
     timesteps: the patterns a loop over these timesteps needs (e.g. `scheduler.timesteps`); left out,
-    every pattern the rules can produce. Each file is checked against PyTorch in onnxruntime.
+    every pattern the rules can produce. Each file is checked against PyTorch in onnxruntime, every
+    element within atol + rtol * |torch| (exporters/verify.py), as export_onnx checks one file.
     """
+    rtol, atol = check_tolerances(rtol, atol)
+    if timesteps is not None:
+        try:
+            timesteps = list(timesteps)
+        except TypeError:
+            raise ExportError(f"timesteps must be a sequence of timesteps (e.g. scheduler.timesteps) or None, "
+                              f"got {type(timesteps).__name__}") from None
+        if not timesteps:
+            raise ExportError("timesteps is empty: a loop over no timesteps needs no model, so there is nothing to "
+                              "export; give the loop's timesteps (e.g. scheduler.timesteps), or None for every pattern")
     gm, args, kwargs = pab_graph(module, example_inputs, example_kwargs)
     directory = check_new_folder(directory, "PAB export")
     schedule = gm.pab
     rules = schedule.rules
     wanted = patterns(rules) if timesteps is None else schedule_patterns(rules, timesteps, schedule.timestep_scale)
+    if not wanted:
+        raise ExportError("the PAB schedule produces no broadcast pattern: nothing to export")
     in_spec, out_spec = graph_specs(gm)
     flat = fx_pytree.tree_flatten_spec((tuple(args), dict(kwargs)), in_spec)
     placeholders = [n.name for n in gm.graph.nodes if n.op == "placeholder"]
@@ -169,18 +185,20 @@ def export_pab_onnx(module, directory, example_inputs=None, example_kwargs=None,
 
     entries, worst = [], None
     with staging_folder(directory) as tmp:
-        for computes in wanted:
+        for number, computes in enumerate(wanted, 1):
             name = "pab_" + "".join("1" if c else "0" for c in computes) + ".onnx"
             ins, outs = cache_layout(gm, computes)
             prog = program(gm, computes, fold)
             example = tuple(flat) + tuple(example_cache[k] for k in ins)
-            res = export_onnx(prog, os.path.join(tmp, name), example, opset=opset, dynamic_batch=dynamic_batch,
-                              check=check)
+            with stages_named(f"pattern {number}/{len(wanted)} ({name}): "):
+                res = export_onnx(prog, os.path.join(tmp, name), example, opset=opset, dynamic_batch=dynamic_batch,
+                                  check=check, rtol=rtol, atol=atol)
             if res.max_rel_diff is not None:
                 worst = max(worst or 0.0, res.max_rel_diff)
             entries.append(Pattern(name, list(computes), res.input_names, res.output_names,
                                    [list(k) for k in ins], [list(k) for k in outs]))
-        weights = _share_weights(tmp, entries)
+        with stage(f"store the weights once for {len(entries)} pattern files"):
+            weights = _share_weights(tmp, entries)
         n_out = site_outputs(gm)
         Manifest(
             inputs=[n for n, v in zip(placeholders, flat) if isinstance(v, torch.Tensor)],

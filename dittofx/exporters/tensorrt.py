@@ -32,6 +32,7 @@ from dittofx.errors import ExportError
 from dittofx.exporters.files import check_output_path, staging_folder
 from dittofx.exporters.onnx import DEFAULT_OPSET, export_onnx
 from dittofx.exporters.trt_check import TrtReport, check_tensorrt_readiness
+from dittofx.exporters.verify import DEFAULT_ATOL, DEFAULT_RTOL, check_tolerances
 from dittofx.runtime.tensorrt import import_tensorrt, require_cuda
 
 # Ops kept in float32 when converting an ONNX to float16 for a strongly typed TensorRT 11 build.
@@ -282,8 +283,8 @@ def export_tensorrt(
     workspace_gb: float | None = None,
     optimize: bool = False,
     check: bool = True,
-    rtol: float = 1e-4,
-    atol: float = 1e-5,
+    rtol: float = DEFAULT_RTOL,
+    atol: float = DEFAULT_ATOL,
 ):
     """export_onnx to a temporary file (checked in onnxruntime), then build_engine to `path`.
 
@@ -292,6 +293,7 @@ def export_tensorrt(
     Returns the EngineBuild, with the OnnxExport (check result, names) as `.onnx`.
     """
     path = check_output_path(path)
+    check_tolerances(rtol, atol)
     import_tensorrt()  # fail before the export work when TensorRT cannot be used
     require_cuda("building a TensorRT engine")
     opset = DEFAULT_OPSET if opset is None else opset

@@ -146,8 +146,8 @@ def make_setup(loaded, report, *, spec: str, steps: int, batch: int, inputs: str
     """The workloads for a model loaded from MODEL spec `spec`: `report` (of an optimize() call)
     names its timestep input; a diffusion model runs loops of `steps` steps.
 
-    Timed: the first `batch` of `inputs`, else the example inputs. Agreement: every `inputs` sample;
-    without them, `random_samples` random inputs, or the example inputs when None."""
+    Timed: the first `batch` of `inputs`, else the example inputs (at least `batch` of them). Agreement:
+    every `inputs` sample; without them, `random_samples` random inputs, or the timed inputs when None."""
     base = Workload.of(loaded.model, loaded.example_inputs, loaded.example_kwargs,
                        timestep_input=report.timestep_input, steps=steps)
     if inputs:
@@ -159,9 +159,10 @@ def make_setup(loaded, report, *, spec: str, steps: int, batch: int, inputs: str
     elif random_samples:
         cal, timed = random_inputs(base, random_samples), base
         notes = [f"{random_samples} random inputs"]
-    else:
-        cal = timed = base
-        notes = [f"{base.batch} random example inputs"]
+    else:  # the example inputs, drawn anew at `batch` samples where they hold fewer (a FILE.py's own, or loaded
+        # at batch 1 for a cheap capture)
+        cal = timed = base if base.batch >= batch else random_inputs(base, batch)
+        notes = [f"{cal.batch} random example inputs"]
     kind = "diffusion"
     if not base.diffusion:
         with torch.inference_mode():

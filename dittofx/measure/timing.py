@@ -13,6 +13,8 @@ from dataclasses import dataclass
 
 import torch
 
+MIN_TIMED_SECONDS = 0.010  # a timed run shorter than this is mostly fixed per-call costs and noise
+
 
 @dataclass
 class Timing:

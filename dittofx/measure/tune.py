@@ -37,7 +37,7 @@ def ladder(base, report, inflection: float | None) -> tuple[str, list[Rung]]:
         if report.timestep_input is not None or options.get("ratio") is not None:
             if inflection is not None:
                 raise DittoError("--inflection applies to ToMe's r (image models); diffusion models tune the ratio")
-            return "ratio", [rung(f"{v:g}", r=0, ratio=v) for v in TOME_RATIOS]
+            return "ratio", [rung(f"{v:g}", r=None, ratio=v) for v in TOME_RATIOS]
         first = report.blocks[0] if report.blocks else None
         tokens = first.tokens if first is not None and first.tokens else 2 * 64 + 1
         prefix = first.prefix if first is not None else 0

@@ -3,13 +3,15 @@ the user gives none."""
 
 from __future__ import annotations
 
+import contextlib
 import inspect
+import math
 from typing import Any
 
 import torch
 from torch import nn
 
-from dittofx.errors import ModelSpecError
+from dittofx.errors import ModelSpecError, first_line
 
 
 def parse_input_shape(value: tuple[int, ...] | list[int] | str) -> tuple[int, ...]:
@@ -28,6 +30,34 @@ def parse_input_shape(value: tuple[int, ...] | list[int] | str) -> tuple[int, ..
     if not shape or any(v < 1 for v in shape) or any(isinstance(v, float) and v != int(v) for v in value):
         raise ModelSpecError(f"{what}; got {value!r}")
     return shape
+
+
+# The most elements an example input may have (2^31: 8 GiB of float32, and where int32 indexing ends):
+# past it, an input shape is a typo, and allocating it would fail (or swap) instead of saying so.
+MAX_INPUT_ELEMENTS = 2**31
+
+
+def check_input_size(shape: tuple[int, ...]) -> None:
+    """ModelSpecError when an example input of `shape` (with the batch) would be too large to make."""
+    n = math.prod(shape)
+    if n > MAX_INPUT_ELEMENTS:
+        raise ModelSpecError(f"an example input of shape {tuple(shape)} (with the batch) has {n:.3g} elements; "
+                             f"dittofx makes example inputs of at most 2^31 elements: give a smaller input shape "
+                             f"or batch")
+
+
+@contextlib.contextmanager
+def allocating(what: str):
+    """Turn a failure to allocate `what` (MemoryError, torch's 'can't allocate memory') into one line."""
+    try:
+        yield
+    except MemoryError as e:
+        raise ModelSpecError(f"not enough memory for {what}: give a smaller input shape or batch") from e
+    except RuntimeError as e:
+        if "alloc" not in str(e).lower() and "out of memory" not in str(e).lower():
+            raise
+        raise ModelSpecError(f"not enough memory for {what} ({first_line(e, 160)}): give a smaller input shape "
+                             f"or batch") from e
 
 
 def _family_of(model: nn.Module) -> str:
@@ -60,18 +90,11 @@ def example_inputs_for(
     one. Inputs are random but deterministic, of the model's floating dtype and on its device.
     """
     shape = parse_input_shape(input_shape) if input_shape is not None else None
-    gen = torch.Generator().manual_seed(0)
-    family = _family_of(model)
-    if family == "timm":
-        out = _timm_inputs(model, shape, batch, gen)
-    elif family == "transformers":
-        out = _hf_inputs(model, shape, batch, gen)
-    elif family == "diffusers":
-        out = _diffusers_inputs(model, shape, batch, gen)
-    else:
-        out = None
-    if out is None and shape is not None and family != "diffusers":
-        out = ((torch.randn((batch, *shape), generator=gen),), {})
+    if shape is not None:
+        check_input_size((batch, *shape))
+    with allocating(f"the example inputs of {type(model).__name__} at batch {batch}"
+                    + (f" and input shape {shape}" if shape else "")):
+        out = _inputs_for(model, shape, batch)
     if out is None:
         return None
     dtype, device = _dtype_device(model)
@@ -87,6 +110,22 @@ def example_inputs_for(
 
     args, kwargs = out
     return tuple(cast(a) for a in args), {k: cast(v) for k, v in kwargs.items()}
+
+
+def _inputs_for(model: nn.Module, shape: tuple[int, ...] | None, batch: int) -> tuple[tuple, dict] | None:
+    gen = torch.Generator().manual_seed(0)
+    family = _family_of(model)
+    if family == "timm":
+        out = _timm_inputs(model, shape, batch, gen)
+    elif family == "transformers":
+        out = _hf_inputs(model, shape, batch, gen)
+    elif family == "diffusers":
+        out = _diffusers_inputs(model, shape, batch, gen)
+    else:
+        out = None
+    if out is None and shape is not None and family != "diffusers":
+        out = ((torch.randn((batch, *shape), generator=gen),), {})
+    return out
 
 
 def _dtype_device(model: nn.Module) -> tuple[torch.dtype, torch.device]:

@@ -8,6 +8,13 @@ Accepted specs:
     FILE.py:FUNCTION                 FUNCTION() returns model, (model, args) or (model, args, kwargs)
     zoo:NAME                         a small random-config model from dittofx.models.zoo
 
+Hub ids (hf:ORG/NAME, diffusers:ORG/NAME) and timm's pretrained weights: the Hugging Face hub is
+contacted only with `pretrained=True` (--pretrained), and then only once it answered a HEAD request
+within HUB_TIMEOUT_S (one check per process); HF_HUB_OFFLINE=1 skips the check and the hub. Without
+it, or with the hub unreachable, the local Hugging Face cache (HF_HUB_CACHE) is read: a model
+downloaded once keeps working offline, and one never downloaded is one line saying what to do, at
+once instead of after a minute of retries.
+
 `weights=FILE` loads a safetensors file or a torch state dict into the model afterwards
 (`load_weights`). Example inputs are inferred from the model's config (`example_inputs_for`);
 `input_shape` overrides the shape of the main input and is given WITHOUT the batch dimension,
@@ -19,7 +26,9 @@ are imported only when a spec needs them.
 
 from __future__ import annotations
 
+import contextlib
 import difflib
+import functools
 import hashlib
 import importlib.util
 import inspect
@@ -32,7 +41,14 @@ import torch
 from torch import nn
 
 from dittofx.errors import ModelSpecError, first_line
-from dittofx.models.example_inputs import _family_of, _like, example_inputs_for, parse_input_shape
+from dittofx.models.example_inputs import (
+    _family_of,
+    _like,
+    allocating,
+    check_input_size,
+    example_inputs_for,
+    parse_input_shape,
+)
 from dittofx.models.weights import WEIGHT_FORMS, load_weights
 
 SPEC_FORMS = "timm:NAME, hf:DIR_OR_ID, diffusers:DIR_OR_ID[#SUBFOLDER], FILE.py:FUNCTION, zoo:NAME"
@@ -67,8 +83,9 @@ def resolve(
 ) -> ResolvedModel:
     """Resolve a MODEL spec (see the module docstring) to a model in eval mode and example inputs.
 
-    `pretrained` downloads timm's pretrained weights (hf: and diffusers: always load the folder's
-    weights). `weights` is a local checkpoint loaded after the model is built (strictly: every key
+    `pretrained` lets timm fetch its pretrained weights and hf:/diffusers: hub ids be downloaded (the
+    module docstring says when the hub is contacted); hf: and diffusers: load the folder's (or the
+    cached snapshot's) weights. `weights` is a local checkpoint loaded after the model is built (strictly: every key
     must match). `input_shape` is the main input's shape without the batch dimension (a tuple or
     "3,224,224"); it also overrides inputs that a FILE.py function returns. `batch` is the batch size
     of inferred inputs.
@@ -94,16 +111,17 @@ def resolve(
             raise ModelSpecError("zoo models have no pretrained weights; drop --pretrained or pass --weights FILE")
         from dittofx.models import zoo
 
-        z = zoo.build(rest, batch=batch)
+        with allocating(f"the example inputs of zoo:{rest} at batch {batch}"):
+            z = zoo.build(rest, batch=batch)
         model, family, name, args, kwargs = z.model, z.family, rest, z.example_inputs, z.example_kwargs
     elif prefix == "timm":
         model, name = _load_timm(rest, pretrained=pretrained and weights is None), rest
         family = "timm"
     elif prefix == "hf":
-        model, name = _load_hf(rest), _short_name(rest)
+        model, name = _load_hf(rest, pretrained=pretrained), _short_name(rest)
         family = "transformers"
     elif prefix == "diffusers":
-        model, name = _load_diffusers(rest)
+        model, name = _load_diffusers(rest, pretrained=pretrained)
         family = "diffusers"
     elif _is_file_spec(spec):
         if pretrained:
@@ -121,7 +139,10 @@ def resolve(
     model.eval()
 
     if args is not None and shape is not None:  # zoo or FILE.py inputs: only the main input changes
-        args = (_like(args[0], (args[0].shape[0] if torch.is_tensor(args[0]) else batch, *shape)),) + tuple(args[1:])
+        full = (args[0].shape[0] if torch.is_tensor(args[0]) else batch, *shape)
+        check_input_size(full)
+        with allocating(f"an example input of shape {full}"):
+            args = (_like(args[0], full),) + tuple(args[1:])
     if args is None:
         inferred = example_inputs_for(model, input_shape=shape, batch=batch)
         if inferred is None and shape is not None:
@@ -175,27 +196,101 @@ def _load_timm(name: str, *, pretrained: bool) -> nn.Module:
             close = timm.list_models(f"*{stem}*")[:5] if stem else []
         hint = f"close names: {', '.join(close)}" if close else "see timm.list_models()"
         raise ModelSpecError(f"unknown timm model {name!r}; {hint}")
+    offline = _hub_refusal(True) if pretrained and _timm_on_hub(name) else None
     try:
-        return timm.create_model(name, pretrained=pretrained)
+        with _hub_offline(offline is not None):
+            return timm.create_model(name, pretrained=pretrained)
     except Exception as e:
         if pretrained:
+            why = f"{offline} and they are not in the local cache" if offline else "no network and not in the cache?"
             raise ModelSpecError(
-                f"could not get pretrained weights for timm:{name} (no network and not in the cache?): "
+                f"could not get pretrained weights for timm:{name} ({why}): "
                 f"{_one_line(e)}; pass --weights FILE with a local checkpoint instead"
             ) from e
         raise ModelSpecError(f"timm could not build {name!r}: {_one_line(e)}") from e
+
+
+def _timm_on_hub(name: str) -> bool:
+    """Whether timm gets `name`'s pretrained weights from the Hugging Face hub (not another URL)."""
+    try:
+        from timm.models import get_pretrained_cfg
+
+        cfg = get_pretrained_cfg(name)
+    except Exception:  # noqa: BLE001 - an unknown tag: create_model says so
+        return True
+    return cfg is None or bool(getattr(cfg, "hf_hub_id", None))
 
 
 # ---------------------------------------------------------------------------------------------
 # transformers
 
 
-def _hub_hint(what: str) -> str:
-    return (
-        f"{what} is not a local folder and could not be fetched from the Hugging Face hub "
-        "(no network, or not cached?); download it to a local folder and pass that folder, "
-        "or build the model in FILE.py:FUNCTION and pass --weights FILE"
-    )
+HUB_TIMEOUT_S = 3.0
+
+
+@functools.lru_cache(maxsize=8)
+def _hub_answer(endpoint: str) -> str | None:
+    """None when the hub at `endpoint` answers a HEAD within HUB_TIMEOUT_S (any HTTP status), else why not."""
+    from huggingface_hub.utils import get_session
+
+    try:
+        get_session().head(endpoint, timeout=HUB_TIMEOUT_S)
+    except Exception as e:  # noqa: BLE001 - any failure to get an answer is "unreachable"
+        return f"the Hugging Face hub at {endpoint} did not answer within {HUB_TIMEOUT_S:g} s ({_one_line(e, 120)})"
+    return None
+
+
+def hub_unreachable() -> str | None:
+    """Why the Hugging Face hub (HF_ENDPOINT) cannot be reached, or None; checked once per process."""
+    from huggingface_hub import constants
+
+    return _hub_answer(constants.ENDPOINT)
+
+
+def _hub_refusal(pretrained: bool) -> str | None:
+    """Why the hub is not to be contacted (then only the local cache is read), or None to download."""
+    from huggingface_hub import constants
+
+    if not pretrained:
+        return "without --pretrained dittofx does not contact the Hugging Face hub"
+    if constants.is_offline_mode():
+        return "HF_HUB_OFFLINE is set"
+    return hub_unreachable()
+
+
+@contextlib.contextmanager
+def _hub_offline(offline: bool):
+    """huggingface_hub's offline mode while the block runs (timm has no local_files_only)."""
+    if not offline:
+        yield
+        return
+    from huggingface_hub import constants
+
+    saved = constants.HF_HUB_OFFLINE
+    constants.HF_HUB_OFFLINE = True
+    try:
+        yield
+    finally:
+        constants.HF_HUB_OFFLINE = saved
+
+
+def _hub_hint(what: str, refusal: str | None, e: BaseException) -> str:
+    """One line for a hub id that could not be loaded: why, and what to do."""
+    from huggingface_hub import constants
+
+    kind = what.partition(":")[0]
+    folder = f"a local folder {kind}:DIR (saved with save_pretrained)"
+    if refusal is None:
+        return (f"{what} is not a local folder and could not be fetched from the Hugging Face hub "
+                f"({_one_line(e)}); check the id, or pass {folder}")
+    cached = f"{what} is not a local folder nor in the local Hugging Face cache ({constants.HF_HUB_CACHE})"
+    if refusal.startswith("without"):
+        todo = "pass --pretrained to download it"
+    elif refusal.startswith("HF_HUB_OFFLINE"):
+        todo = "unset HF_HUB_OFFLINE and pass --pretrained to download it"
+    else:
+        todo = "connect to the network (or set HF_ENDPOINT to a mirror)"
+    return f"{cached}, and {refusal}: {todo}, or pass {folder}"
 
 
 def _looks_like_path(s: str) -> bool:
@@ -216,20 +311,22 @@ def _check_local_or_hub(kind: str, path: str) -> bool:
     return False
 
 
-def _load_hf(path: str) -> nn.Module:
+def _load_hf(path: str, *, pretrained: bool = False) -> nn.Module:
     local = _check_local_or_hub("hf", path)
     if local:
         path = os.path.expanduser(path)
         if not os.path.isfile(os.path.join(path, "config.json")):
             raise ModelSpecError(f"hf:{path} has no config.json; expected a folder written by save_pretrained")
+    refusal = None if local else _hub_refusal(pretrained)
+    hub = {"local_files_only": True} if refusal else {}
     import transformers
 
     try:
-        config = transformers.AutoConfig.from_pretrained(path)
+        config = transformers.AutoConfig.from_pretrained(path, **hub)
     except Exception as e:
         if local:
             raise ModelSpecError(f"could not read the transformers config in {path}: {_one_line(e)}") from e
-        raise ModelSpecError(f"{_hub_hint('hf:' + path)} ({_one_line(e)})") from e
+        raise ModelSpecError(_hub_hint("hf:" + path, refusal, e)) from e
 
     cls = None
     for arch in getattr(config, "architectures", None) or []:
@@ -239,11 +336,11 @@ def _load_hf(path: str) -> nn.Module:
     if cls is None:
         cls = transformers.AutoModel
     try:
-        model = cls.from_pretrained(path)
+        model = cls.from_pretrained(path, **hub)
     except Exception as e:
         if local:
             raise ModelSpecError(f"could not load {cls.__name__} from {path}: {_one_line(e)}") from e
-        raise ModelSpecError(f"{_hub_hint('hf:' + path)} ({_one_line(e)})") from e
+        raise ModelSpecError(_hub_hint("hf:" + path, refusal, e)) from e
     return model
 
 
@@ -251,12 +348,14 @@ def _load_hf(path: str) -> nn.Module:
 # diffusers
 
 
-def _load_diffusers(spec: str) -> tuple[nn.Module, str]:
+def _load_diffusers(spec: str, *, pretrained: bool = False) -> tuple[nn.Module, str]:
     path, _, subfolder = spec.partition("#")
     path, subfolder = path.strip(), subfolder.strip().strip("/") or None
     if not path:
         raise ModelSpecError("diffusers: needs a folder or hub id, e.g. diffusers:./pixart#transformer")
     local = _check_local_or_hub("diffusers", path)
+    refusal = None if local else _hub_refusal(pretrained)
+    hub = {"local_files_only": True} if refusal else {}
     name = _short_name(path) + (f"/{subfolder}" if subfolder else "")
     import diffusers
 
@@ -281,10 +380,10 @@ def _load_diffusers(spec: str) -> tuple[nn.Module, str]:
         try:
             from huggingface_hub import hf_hub_download
 
-            with open(hf_hub_download(path, "config.json", subfolder=subfolder)) as f:
+            with open(hf_hub_download(path, "config.json", subfolder=subfolder, **hub)) as f:
                 config = json.load(f)
         except Exception as e:
-            raise ModelSpecError(f"{_hub_hint('diffusers:' + spec)} ({_one_line(e)})") from e
+            raise ModelSpecError(_hub_hint("diffusers:" + spec, refusal, e)) from e
 
     class_name = config.get("_class_name") if isinstance(config, dict) else None
     if not class_name:
@@ -298,11 +397,11 @@ def _load_diffusers(spec: str) -> tuple[nn.Module, str]:
             f"diffusers:{spec}: {class_name!r} is not a model class of diffusers {diffusers.__version__}"
         )
     try:
-        model = cls.from_pretrained(path, subfolder=subfolder)
+        model = cls.from_pretrained(path, subfolder=subfolder, **hub)
     except Exception as e:
         if local:
             raise ModelSpecError(f"could not load {class_name} from diffusers:{spec}: {_one_line(e)}") from e
-        raise ModelSpecError(f"{_hub_hint('diffusers:' + spec)} ({_one_line(e)})") from e
+        raise ModelSpecError(_hub_hint("diffusers:" + spec, refusal, e)) from e
     return model, name
 
 
@@ -334,6 +433,10 @@ def _load_file(path: str, func: str) -> tuple[nn.Module, tuple | None, dict | No
     sys.modules[mod_name] = module
     try:
         spec.loader.exec_module(module)
+    except SystemExit as e:  # the file's own sys.exit() must not end dittofx with its status, in silence
+        sys.modules.pop(mod_name, None)
+        raise ModelSpecError(f"importing {path} called {_exit_call(e)}; a MODEL file must define a function, "
+                             f"not exit (put the script part under `if __name__ == \"__main__\":`)") from None
     except Exception as e:
         sys.modules.pop(mod_name, None)
         raise ModelSpecError(f"importing {path} failed: {_one_line(e)}") from e
@@ -354,6 +457,8 @@ def _load_file(path: str, func: str) -> tuple[nn.Module, tuple | None, dict | No
         raise ModelSpecError(f"{path} has no function {func!r}; {listed}")
     try:
         result = fn()
+    except SystemExit as e:
+        raise ModelSpecError(f"{path}:{func}() called {_exit_call(e)} instead of returning {forms}") from None
     except Exception as e:
         raise ModelSpecError(f"{path}:{func}() raised {_one_line(e)}") from e
 
@@ -381,3 +486,7 @@ def _load_file(path: str, func: str) -> tuple[nn.Module, tuple | None, dict | No
             got = f"a {got} of {len(result)} ({', '.join(type(r).__name__ for r in result[:4])})"
         raise ModelSpecError(f"{path}:{func}() returned {got}; expected {forms}")
     return model, args, kwargs
+
+
+def _exit_call(e: SystemExit) -> str:
+    return f"sys.exit({e.code!r})" if e.code is not None else "sys.exit()"

@@ -81,7 +81,8 @@ class Pass:
 
     @classmethod
     def option_names(cls) -> list[str]:
-        return [f.name for f in dataclasses.fields(cls)]
+        """The options a spec may set: the dataclass fields the constructor takes."""
+        return [f.name for f in dataclasses.fields(cls) if f.init]
 
     def options(self) -> dict:
         """The options that differ from their defaults, plus those always shown."""

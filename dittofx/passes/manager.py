@@ -4,8 +4,9 @@
 
 What it guarantees, in order:
 
-1. Ordering, before anything runs (`check_order`): each pass's declared constraints (`runs_before`,
-   `runs_last`, passes/base.py) hold, or one PassSpecError line names the two passes and the fix.
+1. Ordering, before anything runs (`check_order`): each pass is given once, and each pass's declared
+   constraints (`runs_before`, `runs_last`, passes/base.py) hold, or one PassSpecError line names the
+   two passes and the fix.
 2. The prologue: `CanonicalizeAttention` runs first whenever any pass is given (unless given), so
    every pass sees one form of attention.
 3. For each pass: a model with no attention, or one whose every block the pass's `check()` refuses,
@@ -15,6 +16,9 @@ What it guarantees, in order:
    the pass's bug, not the user's: InternalError naming the pass. Then the analysis runs again for
    the next pass, and the report takes the pass's notes. An analysis that fails on a graph is one
    UnsupportedModelError line naming the model.
+5. A pass that changed nothing (tome:r=0, rlt:tau=-1) is said, not passed over: the report's
+   `unchanged` line (with the pass's own notes as the reason) and, for a pass the user gave
+   (spec.given), a warning on the library's log, which the CLI shows as `dittofx: warning: ...`.
 
 After the pipeline, `optimize()` checks the result at the passes' exact setting (passes/exact.py).
 """
@@ -22,11 +26,12 @@ After the pipeline, `optimize()` checks the result at the passes' exact setting 
 from __future__ import annotations
 
 from dittofx import runtime
+from dittofx._log import log
 from dittofx.errors import DittoError, PassSpecError, UnsupportedModelError, first_line, internal_error
 from dittofx.passes.base import Pass, PassContext
 from dittofx.passes.sdpa import CanonicalizeAttention
-from dittofx.passes.spec import REGISTRY, pass_class
-from dittofx.report import BlockReport, Report
+from dittofx.passes.spec import REGISTRY, given, pass_class
+from dittofx.report import BlockReport, Report, unchanged_line
 from dittofx.rewriter.analysis import Analysis, analyze, module_path
 from dittofx.rewriter.capture import Capture
 from dittofx.rewriter.edit import refresh_meta, remove_dead
@@ -37,6 +42,11 @@ PROLOGUE: tuple[type[Pass], ...] = (CanonicalizeAttention,)
 def check_order(passes: list[Pass]) -> None:
     """Every pass's ordering constraints hold in `passes`, or PassSpecError (one line)."""
     names = [p.name for p in passes]
+    for i, name in enumerate(names):
+        if name in names[:i]:
+            specs = [p.spec() for p in passes if p.name == name]
+            raise PassSpecError(f"pass {name} is given twice ({' and '.join(specs)}): give each pass once, with all "
+                                f"its options in one spec")
     for i, p in enumerate(passes):
         if p.runs_last and i != len(passes) - 1:
             raise PassSpecError(f"{p.name} must be the last pass ({type(p).__name__} hides the graph from later "
@@ -77,6 +87,10 @@ class PassManager:
                     report.notes.extend(f"{block}: {n}" for n in notes)
             report.notes.extend(result.notes)
             report.stats.update(result.stats)
+            if p.listed and not result.changed:
+                report.unchanged[p.spec()] = list(result.notes)
+                if given(p):  # not the exactness check's own runs (tome:r=0 for tome:r=8)
+                    log.warning("%s", unchanged_line(p.spec(), result.notes))
             if p.listed:
                 report.passes.append(p.spec())
         return gm, report
@@ -135,6 +149,7 @@ def describe(model, cap: Capture, analysis: Analysis, previous: Report | None = 
                     patch_embedding=_patch_name(analysis))
     if previous is not None:
         report.notes, report.passes, report.stats = previous.notes, previous.passes, previous.stats
+        report.unchanged = previous.unchanged
         for b in report.blocks:
             try:
                 b.actions = previous.block(b.name).actions

@@ -3,14 +3,17 @@
 For every `aten.scaled_dot_product_attention` node: the attention module and its output (after the
 output projection), the kind of sequence it runs over (with a note where that kind is a default the
 graph cannot confirm), the residual adds that close its sub-blocks, the token axis of the residual
-stream and its prefix tokens. For the model: its timestep input and the constant it scales it by
+stream and its prefix tokens; and the facts that keep a merge from following the tokens: attention
+over windows, a relative-position bias, pooling between blocks (`windowed`, `position_bias`,
+`Block.pooled`). For the model: its timestep input and the constant it scales it by
 before the time embedding, and its latent input (what it denoises). Everything comes from the graph (data
 flow and axis provenance, see `axes.py`); module names are only used to name things for people.
 
 Below `analyze`, the structural questions passes ask of a block or a site: where its q/k/v
 projections read from (`projection_input`), the stream entering it (`stream_in`), its feed-forward
 (`feed_forward`), the patch grid its tokens are (`patch_grid`), whether the model returns every
-token (`outputs_carry`), and the tubelet embeddings of a video model with their geometry.
+token (`outputs_carry`), and the tubelet embeddings of a video model with their geometry (`tubelets`:
+a 3-D convolution in any ATen form or a Linear over unfolded tubelets).
 """
 
 from __future__ import annotations
@@ -52,10 +55,28 @@ class AttentionSite:
     residual: fx.Node | None  # the add of that output into the residual stream
     seq_axis: ax.Axis = ax.EMPTY
     kind_note: str | None = None  # why the kind is a default where the graph cannot tell (for the report)
+    windowed: bool = False  # the grid is cut into windows folded into the batch, each attended on its own (Swin)
+    # the attention adds a bias from the model's weights indexed by token position (a relative-position
+    # bias: BEiT, Swin): it is tied to where each token sits in the grid
+    position_bias: bool = False
 
     @property
     def is_self(self) -> bool:
         return self.kind != "cross"
+
+
+@dataclass(frozen=True)
+class Pooling:
+    """A pooling stage between two blocks (PiT's strided conv, Swin's patch merging): the next block
+    reads fewer tokens than the previous one leaves, through `where`."""
+
+    after: str  # the block whose tokens are pooled
+    before: str  # the block that reads the pooled tokens
+    tokens: tuple[int, int]  # token count out of `after`, into `before` (prefix tokens included)
+    where: str  # the module (or node) that pools them
+
+    def __str__(self) -> str:
+        return f"{self.tokens[0]} -> {self.tokens[1]} tokens at {self.where}, between {self.after} and {self.before}"
 
 
 @dataclass
@@ -66,6 +87,7 @@ class Block:
     token_dim: int | None = None  # token axis of the residual stream after attention
     tokens: int | None = None
     prefix: int = 0
+    pooled: Pooling | None = None  # the tokens after this block are pooled into fewer before the next one
 
     @property
     def kinds(self) -> list[str]:
@@ -90,6 +112,11 @@ class Analysis:
     @property
     def sites(self) -> list[AttentionSite]:
         return [s for b in self.blocks for s in b.sites]
+
+    @property
+    def poolings(self) -> list[Pooling]:
+        """Where the token count shrinks between blocks (a hierarchical model: PiT, Swin)."""
+        return [b.pooled for b in self.blocks if b.pooled is not None]
 
     def block_of(self, site: AttentionSite) -> Block:
         return next(b for b in self.blocks if site in b.sites)
@@ -246,15 +273,121 @@ def analyze(gm: fx.GraphModule, batched_inputs: set[int] | None = None) -> Analy
             node=node, module=module, kind=kind, query=q, key=k, value=v,
             heads=q_shape[-3] if len(q_shape) >= 4 else 1, tokens=q_shape[-2], kv_tokens=k_shape[-2],
             output=output, residual=residual, seq_axis=q_axis, kind_note=kind_note(kind, q_axis, amap.latent,
-                                                                                   video_inputs))
+                                                                                   video_inputs),
+            windowed=_windowed(q, amap), position_bias=_position_bias(node))
         name = _block_name(residual, module)
         block = blocks.setdefault(name, Block(name))
         block.sites.append(site)
     for block in blocks.values():
         _stream_facts(block, amap)
         block.mlp_residual = _mlp_residual(block)
+    _poolings(list(blocks.values()), amap, order)
     timestep = _timestep_input(gm)
     return Analysis(list(blocks.values()), amap, amap.patch_embeddings, timestep, latent, _timestep_scale(gm, timestep))
+
+
+def _windowed(q: fx.Node, amap: ax.AxisMap) -> bool:
+    """Are an attention's queries windows of the grid: a grid label of the sequence axis that a leading
+    (batch) axis carries too (the grid split between windows, folded into the batch, and positions in
+    a window, the sequence), with fewer tokens than the grid has?"""
+    axes = amap[q]
+    if len(axes) < 2:
+        return False
+    seq = axes[-2].grid
+    tokens = ax.shape_of(q)[-2] - axes[-2].prefix
+    return bool(seq) and any(seq & set(a.labels) for a in axes[:-2]) and tokens < math.prod(lab.size for lab in seq)
+
+
+_INDEXING = {aten.index.Tensor, aten.index_select.default, aten.embedding.default, aten.gather.default,
+             aten.take.default}
+
+
+def _tensor_ancestors(node: fx.Node) -> set[fx.Node]:
+    """The tensors `node` is computed from, not through sizes (a mask broadcast to the batch reads the
+    batch size, not the batch's values)."""
+    return ancestors(node, stop=lambda n: not isinstance(n.meta.get("val"), torch.Tensor))
+
+
+def _position_bias(sdpa: fx.Node) -> bool:
+    """Is the attention's mask a bias from the model's weights indexed by token position (a relative-
+    position bias table read at a constant index): (tokens, kv tokens) sized, computed from constants
+    only (no input values), with a floating-point constant gathered at integer constants?"""
+    mask = arg(sdpa, "attn_mask")
+    if not isinstance(mask, fx.Node) or not isinstance(mask.meta.get("val"), torch.Tensor):
+        return False
+    shape, q, k = ax.shape_of(mask), ax.shape_of(sdpa.args[0]), ax.shape_of(sdpa.args[1])
+    if len(shape) < 2 or shape[-2:] != (q[-2], k[-2]) or q[-2] <= 1:
+        return False
+    found = _tensor_ancestors(mask)
+    if any(n.op == "placeholder" for n in found):
+        return False
+
+    def constant(n, floating: bool) -> bool:
+        """Computed from the model's constants only, one of them floating-point (a table) or not (an index)."""
+        if not isinstance(n, fx.Node):
+            return False
+        up = _tensor_ancestors(n)
+        return all(a.op != "placeholder" for a in up) and any(
+            a.op == "get_attr" and isinstance(a.meta.get("val"), torch.Tensor)
+            and a.meta["val"].is_floating_point() == floating for a in up)
+
+    for n in found:
+        if n.target not in _INDEXING:
+            continue
+        # index(table, [indices]), embedding(table, index), take(table, index); index_select / gather(table, dim, index)
+        index = n.args[2] if n.target in (aten.index_select.default, aten.gather.default) else n.args[1]
+        indices = index if isinstance(index, (list, tuple)) else [index]
+        if constant(n.args[0], True) and any(constant(i, False) for i in indices):
+            return True
+    return False
+
+
+def _grid_tokens(node: fx.Node, amap: ax.AxisMap) -> int | None:
+    """How many tokens (prefix tokens too) a (..., channels) tensor of grid tokens holds per sample: its
+    positions but the channels over the batch (windows folded into the batch count); None where it
+    carries no grid or no batch."""
+    axes, shape = amap[node], ax.shape_of(node)
+    if not axes or shape is None or not any(a.grid for a in axes[:-1]):
+        return None
+    batch = next((lab.size for a in axes for lab in a.labels if lab.kind == "batch"), None)
+    return math.prod(shape[:-1]) // batch if batch else None
+
+
+def _poolings(blocks: list[Block], amap: ax.AxisMap, order: dict[fx.Node, int]) -> None:
+    """Between two consecutive blocks where the second's attention reads what the first's leaves: where
+    the tokens become fewer through a pooling op (a strided conv, a pool, a patch merging), `pooled` of
+    the first says where. From the attention output to the next attention's input (not the residual
+    stream, which a windowed model (Swin) splits and reassembles around each attention)."""
+    for before, after in zip(blocks, blocks[1:]):
+        if not before.sites or not after.sites:
+            continue
+        out, into = before.sites[-1].output, projection_input(after.sites[0].query)
+        if into is None or order[into] < order[out]:
+            continue
+        path = ancestors(into, stop=lambda n: order[n] < order[out])
+        if out not in path:
+            continue
+        count_out, count_in = _grid_tokens(out, amap), _grid_tokens(into, amap)
+        if count_out is None or count_in is None or count_in >= count_out:
+            continue
+        path &= descendants(out)
+        shrink = next((n for n in sorted(path, key=order.__getitem__) if _pools(n, amap)), None)
+        if shrink is not None:
+            paths = module_path(shrink)
+            before.pooled = Pooling(before.name, after.name, (count_out, count_in), paths[-1] if paths else shrink.name)
+
+
+def _pools(node: fx.Node, amap: ax.AxisMap) -> bool:
+    """Does `node` pool tokens: a convolution or pooling over the grid with fewer positions out than in,
+    or a Linear over features that carry the grid (neighbouring tokens concatenated, Swin's patch merging)?"""
+    if node.target in ax.CONVOLUTIONS or node.target in ax.POOLS:
+        x = node.args[0]
+        ins, outs = ax.shape_of(x), ax.shape_of(node)
+        return ins is not None and outs is not None and any(a.grid for a in amap[x][2:]) \
+            and math.prod(outs[2:]) < math.prod(ins[2:])
+    if node.target is aten.linear.default:
+        return bool(amap.axis_of(node.args[0], -1).grid)
+    return False
 
 
 def _stream_facts(block: Block, amap: ax.AxisMap) -> None:
@@ -517,6 +650,61 @@ def outputs_carry(analysis: Analysis, labels: frozenset) -> bool:
                for n in graph.nodes if n.target in ax.RESHAPES or n.target is aten.unflatten.int)
 
 
+@dataclass(frozen=True)
+class Tubelets:
+    """A video patch embedding as RLT reads it, whatever its ATen form: a 3-D convolution (`conv3d`,
+    `conv3d.padding`, `convolution`) or a Linear over tubelets cut by reshapes or unfolds."""
+
+    node: fx.Node  # the convolution (B, D, T', H', W'), or the Linear (B, ..., D)
+    form: str  # "convolution" | "linear"
+    video: fx.Node  # the video it cuts into tubelets
+    dims: tuple[int, int, int, int]  # the dims of `video` that are (channels, frames, rows, columns)
+    grid: tuple[ax.Label | None, ...]  # the labels of the tokens' frames, rows, columns (None: one along it)
+    patch: tuple[int, int, int] | None = None  # a Linear's tubelet (a convolution's: `tubelet_geometry`)
+
+    @property
+    def tubelet(self) -> tuple[int, int, int]:
+        """(frames, rows, columns) of a tubelet; UnsupportedModelError where a convolution's do not tile."""
+        return tubelet_geometry(self.node) if self.form == "convolution" else self.patch
+
+
+# what may stand between a video and the Linear over its tubelets
+_PATCHIFY = ax.RESHAPES | {aten.permute.default, aten.transpose.int, aten.flatten.using_ints, aten.unfold.default,
+                           aten.clone.default, aten.contiguous.default, aten.unflatten.int}
+
+
+def tubelets(analysis: Analysis) -> list[Tubelets]:
+    """The video patch embeddings: 3-D convolutions, then Linears over (frames, rows, columns) tubelets."""
+    amap = analysis.axes
+    found = [Tubelets(c, "convolution", c.args[0], (1, 2, 3, 4),
+                      tuple(amap.axis_of(c, d).labels[0] if amap.axis_of(c, d).labels else None for d in (2, 3, 4)))
+             for c in tubelet_embeddings(analysis)]
+    for node, kinds in amap.patch_axes.items():
+        if sorted(kinds.values()) != ["grid_h", "grid_t", "grid_w"]:
+            continue
+        video = node.args[0]
+        while video.target in _PATCHIFY and not _holds(amap[video], kinds):
+            video = video.args[0]
+        axes = amap[video]
+        if len(axes) != 5 or not _holds(axes, kinds):
+            continue
+        where = {kinds[a.labels[0]]: d for d, a in enumerate(axes) if len(a.labels) == 1 and a.labels[0] in kinds}
+        frames_rows_cols = tuple(where[k] for k in ("grid_t", "grid_h", "grid_w"))
+        channels = next(d for d in range(1, 5) if d not in frames_rows_cols)
+        labels = {lab.kind: lab for a in amap[node] for lab in a.labels if lab.is_grid and lab.name == node.name}
+        grid = tuple(labels.get(k) for k in ("grid_t", "grid_h", "grid_w"))
+        size = {kinds[root]: root.size for root in kinds}
+        patch = tuple(size[k] // (lab.size if lab is not None else 1) for k, lab in zip(("grid_t", "grid_h", "grid_w"),
+                                                                                       grid))
+        found.append(Tubelets(node, "linear", video, (channels,) + frames_rows_cols, grid, patch))
+    return found
+
+
+def _holds(axes: ax.Axes, roots) -> bool:
+    """Does a tensor hold each of the input axes `roots` whole, one to an axis (the video before its patchify)?"""
+    return set(roots) <= {a.labels[0] for a in axes if len(a.labels) == 1}
+
+
 def tubelet_embeddings(analysis: Analysis) -> list[fx.Node]:
     """The patch embeddings that cut a video into tubelets: over 3 axes (T, H, W), a 5-D output."""
     return [c for c in analysis.patch_embeddings if c.meta.get("val") is not None and c.meta["val"].dim() == 5]
@@ -536,7 +724,10 @@ def tubelet_geometry(conv: fx.Node) -> tuple[int, int, int]:
     if conv.target is aten.convolution.default and arg(conv, "transposed"):
         raise UnsupportedModelError("a transposed Conv3d is not a tubelet embedding: tubelets need a forward Conv3d")
     stride = _ints(arg(conv, "stride") or 1, 3)
-    padding = _ints(arg(conv, "padding") or 0, 3)
+    padding = arg(conv, "padding") or 0
+    if isinstance(padding, str):  # conv3d.padding: "valid" pads nothing, "same" k - 1 in all
+        padding = (0, 0, 0) if padding == "valid" else tuple(k - 1 for k in kernel)
+    padding = _ints(padding, 3)
     dilation = _ints(arg(conv, "dilation") or 1, 3)
     groups = arg(conv, "groups") or 1
     if stride != kernel or any(padding) or dilation != (1, 1, 1) or groups != 1:

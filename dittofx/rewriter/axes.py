@@ -8,10 +8,12 @@ structural question the passes ask: is an attention over space, time, both, or a
 which axis of the residual stream holds the tokens; how many prefix tokens there are; and which
 literal sizes in reshapes, views and expands are token counts.
 
-Patch embeddings are a convolution, or a Linear over raw input values: over patchified ones (a
-reshape splits input axes into (grid, patch) and the patch parts go to the features: the grid parts
-become frames / rows / columns), or over the packed latent (Flux, LTX-Video: one token axis whose
-frames and rows the graph cannot tell apart, labelled `grid_packed`).
+Patch embeddings are a convolution (any ATen form: `conv2d.padding` for `padding="valid"`,
+`convolution`, 1-, 2- and 3-D), or a Linear over raw input values: over patchified ones (a reshape,
+`Tensor.unfold` or `F.unfold` splits input axes into (grid, patch) and the patch parts go to the
+features: the grid parts become frames / rows / columns), or over the packed latent (Flux, LTX-Video:
+one token axis whose frames and rows the graph cannot tell apart, labelled `grid_packed`). A pooling of
+the grid (PiT, a strided conv or a pool) labels its smaller grid anew.
 """
 
 from __future__ import annotations
@@ -89,6 +91,8 @@ class AxisMap:
     # Linears that embed raw input values: "patches" (over a patchified input) or "packed" (the packed latent)
     token_embeddings: dict[fx.Node, str] = field(default_factory=dict)
     embedded_inputs: set[str] = field(default_factory=set)  # the inputs those Linears patchify or pack
+    # for each Linear over patches: the input axes it cuts into patches and the grid axis each becomes
+    patch_axes: dict[fx.Node, dict[Label, str]] = field(default_factory=dict)
 
     def __getitem__(self, node: fx.Node) -> Axes:
         value = self.tensors.get(node)
@@ -237,6 +241,13 @@ ELEMENTWISE = {
     aten.bitwise_and.Tensor, aten.logical_and.default, aten.logical_not.default,
 }
 RESHAPES = {aten.reshape.default, aten.view.default, aten._unsafe_view.default}
+# poolings of a (B, C, *spatial) tensor, one output
+POOLS = {aten.avg_pool1d.default, aten.avg_pool2d.default, aten.avg_pool3d.default, aten.max_pool1d.default,
+         aten.max_pool2d.default, aten.max_pool3d.default, aten.adaptive_avg_pool1d.default,
+         aten.adaptive_avg_pool2d.default, aten.adaptive_avg_pool3d.default}
+# every ATen form of a convolution; its output's spatial axes are a patch grid (see `_rule`)
+CONVOLUTIONS = {aten.conv1d.default, aten.conv2d.default, aten.conv3d.default, aten.conv1d.padding,
+                aten.conv2d.padding, aten.conv3d.padding, aten.convolution.default}
 
 # Rules for functions a pass inserts: fn -> (node, axis map) -> axes of its value.
 CUSTOM_RULES: dict[Callable, Callable[[fx.Node, AxisMap], object]] = {}
@@ -320,7 +331,16 @@ def _rule(node: fx.Node, amap: AxisMap):
             return None
         operands = [amap[a] for a in node.all_input_nodes if amap[a]]
         return _broadcast(*operands, rank=len(shape)) if operands else None
-    if target in (aten.conv1d.default, aten.conv2d.default, aten.conv3d.default, aten.convolution.default):
+    if target in POOLS:  # a pooled grid: fewer rows and columns, labelled anew as a strided convolution's
+        if not any(a.grid for a in a0[2:]) or len(shape) != len(a0):
+            return None
+        if shape == shape_of(args[0]):  # a pooling with stride 1: the same grid
+            return a0
+        spatial = len(shape) - 2
+        kinds = {1: ["grid_t"], 2: ["grid_h", "grid_w"], 3: ["grid_t", "grid_h", "grid_w"]}[spatial]
+        return a0[:2] + tuple(Axis((Label(k, node.name, shape[2 + i]),)) if shape[2 + i] > 1 else EMPTY
+                              for i, k in enumerate(kinds))
+    if target in CONVOLUTIONS:
         spatial = len(shape) - 2
         kinds = {1: ["grid_t"], 2: ["grid_h", "grid_w"], 3: ["grid_t", "grid_h", "grid_w"]}[spatial]
         amap.patch_embeddings.append(node)
@@ -415,7 +435,47 @@ def _rule(node: fx.Node, amap: AxisMap):
         return a0 if len(a0) == len(shape) else None
     if target is aten.embedding.default:
         return amap[args[1]] + (EMPTY,)
+    if target is aten.unfold.default:
+        return _unfold(node, a0)
+    if target is aten.im2col.default:
+        return _im2col(node, a0)
     return None
+
+
+def _patch_parts(axis: Axis, grid: int, patch: int) -> tuple[Axis, Axis] | None:
+    """An input axis cut into `grid` patches of `patch` positions: the two parts' axes (as a reshape
+    (.., grid, patch, ..) labels them), or None where the axis is not one whole input axis."""
+    if len(axis.labels) != 1 or axis.labels[0].kind != "input" or axis.labels[0].size != grid * patch:
+        return None
+    lab = axis.labels[0]
+    return tuple(Axis((Label("input", f"{lab.name}/{i}", n, lab),)) if n != 1 else EMPTY
+                 for i, n in enumerate((grid, patch)))
+
+
+def _unfold(node: fx.Node, a0: Axes) -> Axes | None:
+    """`x.unfold(d, size, step)`: with step = size over the whole axis, a patchify: axis d becomes the
+    patch index, a new last axis the position in the patch (as a reshape into (grid, patch) parts)."""
+    _, dim, size, step = node.args[:4]
+    d = _norm_dim(dim, len(a0))
+    length = shape_of(node.args[0])[d]
+    parts = _patch_parts(a0[d], length // size, size) if step == size and length % size == 0 else None
+    if parts is None:
+        return a0[:d] + (EMPTY,) + a0[d + 1:] + (EMPTY,)
+    return a0[:d] + (parts[0],) + a0[d + 1:] + (parts[1],)
+
+
+def _im2col(node: fx.Node, a0: Axes) -> Axes | None:
+    """`F.unfold(x, k, stride=k)` (im2col) over (B, C, H, W): non-overlapping patches, a patchify:
+    (B, C kh kw, h w) with the channels and in-patch positions on dim 1, the patch grid on dim 2."""
+    x, kernel, dilation, padding, stride = node.args[:5]
+    if len(a0) != 4 or list(kernel) != list(stride) or any(padding) or any(d != 1 for d in dilation):
+        return None
+    h, w = shape_of(x)[2:]
+    rows = _patch_parts(a0[2], h // kernel[0], kernel[0]) if h % kernel[0] == 0 else None
+    cols = _patch_parts(a0[3], w // kernel[1], kernel[1]) if w % kernel[1] == 0 else None
+    if rows is None or cols is None:
+        return None
+    return (a0[0], merge(a0[1], rows[1], cols[1]), merge(rows[0], cols[0]))
 
 
 def _dim_of(root: Label) -> int:
@@ -445,6 +505,7 @@ def _linear(node: fx.Node, amap: AxisMap, a0: Axes) -> Axes:
         relabelled = _relabel(tokens, {r: (k, node.name) for r, k in kinds.items()})
         if relabelled is not None:
             amap.token_embeddings[node] = "patches"
+            amap.patch_axes[node] = kinds
             amap.embedded_inputs.add(roots[0].input_name)
             return relabelled + (EMPTY,)
         return plain

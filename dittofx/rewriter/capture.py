@@ -7,9 +7,6 @@ reads them as it reads the batch."""
 
 from __future__ import annotations
 
-import contextlib
-import io
-import logging
 import time
 from dataclasses import dataclass, field
 
@@ -21,6 +18,7 @@ from torch.utils import _pytree as pytree
 from dittofx import signature
 from dittofx._torch_compat import record_unbacked_examples, shape_env_of, unbacked_bindings
 from dittofx.errors import CaptureError, DittoError, first_line
+from dittofx.rewriter.quiet import EXPORT_LOCK, quiet_export
 
 
 @dataclass
@@ -52,8 +50,20 @@ def capture(model: torch.nn.Module, example_inputs=(), example_kwargs=None, dyna
     Falls back to a static batch (noted) where the model pins it. Any failure is one CaptureError
     line naming the model's class and the cause.
     """
+    args = tuple(example_inputs) if isinstance(example_inputs, (tuple, list)) else (example_inputs,)
+    kwargs = dict(example_kwargs or {})
+    if signature.batch_of([v for _, v in signature.leaves((args, kwargs))]) == 0:
+        raise CaptureError(f"the example inputs of {type(model).__name__} have a batch of 0 (dim 0 of the first "
+                           f"tensor): give at least one sample")
     try:
-        return _capture(model, example_inputs, example_kwargs, dynamic_batch)
+        return _capture(model, args, kwargs, dynamic_batch)
+    except CaptureError:
+        cause = _model_failure(model, args, kwargs)
+        if cause is None:
+            raise
+        raise CaptureError(f"{type(model).__name__} fails on the example inputs, before any capture: "
+                           f"{type(cause).__name__}: {first_line(cause)} (check them against what the model "
+                           f"accepts)") from cause
     except DittoError:
         raise
     except Exception as e:  # whatever fails around the export (reading its graph, running it) is "could not capture"
@@ -61,9 +71,23 @@ def capture(model: torch.nn.Module, example_inputs=(), example_kwargs=None, dyna
             from e
 
 
-def _capture(model, example_inputs, example_kwargs, dynamic_batch: bool) -> Capture:
-    args = tuple(example_inputs) if isinstance(example_inputs, (tuple, list)) else (example_inputs,)
-    kwargs = dict(example_kwargs or {})
+def _model_failure(model, args: tuple, kwargs: dict) -> Exception | None:
+    """What the model itself raises on the example, run as it is (an assertion on the input size, a
+    shape mismatch): then that, not torch.export's advice, is why the capture failed. None if it runs.
+    A model in training mode gets its buffers back (batch norm's running statistics)."""
+    with EXPORT_LOCK, torch.no_grad():  # no other thread's export has the weights swapped for fakes
+        saved = [(b, b.clone()) for b in model.buffers()] if model.training else []
+        try:
+            model(*args, **kwargs)
+        except Exception as e:  # noqa: BLE001 - whatever the model raises is the cause
+            return e
+        finally:
+            for buffer, value in saved:
+                buffer.copy_(value)
+    return None
+
+
+def _capture(model, args: tuple, kwargs: dict, dynamic_batch: bool) -> Capture:
     batch = signature.batch_of([v for _, v in signature.leaves((args, kwargs))])
     start = time.perf_counter()
     notes = []
@@ -148,11 +172,8 @@ def _dynamic_shapes(model, spec):
 
 
 def _export(model, args, kwargs, dynamic_shapes):
-    # torch.export logs and prints multi-line diagnostics (graphs) on the way to a failure; the failure
-    # is reported below in one line
-    logging.disable(logging.WARNING)
     try:
-        with torch.no_grad(), contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(io.StringIO()):
+        with torch.no_grad(), quiet_export():  # its diagnostics: reported below in one line
             return torch.export.export(model, args, kwargs, dynamic_shapes=dynamic_shapes, strict=False)
     except Exception as e:  # torch.export raises many types; all mean "could not capture"
         first = first_line(e)
@@ -160,6 +181,3 @@ def _export(model, args, kwargs, dynamic_shapes):
             f"torch.export could not capture {type(model).__name__}: {first}. Check that example_inputs/"
             f"example_kwargs match forward(), and replace Python control flow on tensor values "
             f"(if/len/.item()) with tensor ops or move it out of forward") from e
-    finally:
-        logging.disable(logging.NOTSET)
-

@@ -13,6 +13,7 @@ and feed them through `to_feed()`: one set of options, one dtype table.
 from __future__ import annotations
 
 import os
+import re
 import threading
 
 import numpy as np
@@ -93,17 +94,83 @@ def session(path: str, providers: list[str] | None = None, threads: int | None =
         raise ExportError(f"onnxruntime cannot load {what or path}: {first_line(e)}") from None
 
 
-def to_feed(metas, values) -> dict:
-    """{input name: numpy array of the dtype the session declares} for the session inputs `metas`."""
-    feed = {}
-    for meta, value in zip(metas, values):
+def ort_message(e: BaseException) -> str:
+    """onnxruntime's error without its C++ location and signature: the node and the failed check."""
+    text = " ".join(str(e).split())
+    node = re.search(r"running (\w+) node\. Name:'([^']*)'", text)
+    if "Status Message:" in text:
+        text = text.split("Status Message:", 1)[1].strip()
+        loc = re.match(r"\S+\.(?:h|cc|cpp):\d+ ", text)  # "file.h:70 Status f(signature) the check"
+        start = text.find("(") if loc else -1
+        if start >= 0:
+            depth = 0
+            for i in range(start, len(text)):
+                depth += {"(": 1, ")": -1}.get(text[i], 0)
+                if depth == 0:
+                    text = text[i + 1 :]
+                    break
+    text = text.strip()[:300]
+    return f"{node.group(1)} node {node.group(2)!r}: {text}" if node else text
+
+
+def _shape_text(dims) -> str:
+    return "(" + ", ".join(str(d) for d in dims) + ("," if len(dims) == 1 else "") + ")"
+
+
+def _cast(value: np.ndarray, want, name: str, who: str) -> np.ndarray:
+    """`value` as dtype `want`: within a kind (float64 -> float32, int32 -> int64, bool -> float) or,
+    for an integer input, from floats that are integers; anything else would change the values."""
+    if np.can_cast(value.dtype, want, casting="same_kind"):
+        return value.astype(want)
+    if np.issubdtype(want, np.integer) and np.issubdtype(value.dtype, np.floating) and \
+            np.isfinite(value).all() and (value == np.round(value)).all():
+        return value.astype(want)
+    raise ExportError(f"{who}: input {name!r} is {value.dtype}, the model takes {np.dtype(want)}: give "
+                      f"{np.dtype(want)} values (or a type that converts without loss)")
+
+
+def to_feed(metas, values, who: str = "the model") -> dict:
+    """{input name: numpy array of the dtype the session declares} for the session inputs `metas`;
+    a value of the wrong type or shape (against the model's fixed dims, and one size per named dim
+    such as `batch`) is one ExportError line naming the input, instead of onnxruntime's."""
+    feed, sizes = {}, {}
+    for meta, given in zip(metas, values):
+        value = given
         if isinstance(value, torch.Tensor):
             value = value.detach().cpu()
             value = (value.float() if value.dtype == torch.bfloat16 else value).numpy()
-        value = np.asarray(value)
+        try:
+            value = np.asarray(value)
+        except Exception:  # noqa: BLE001 - ragged lists and the like
+            value = np.asarray(None)
+        if value.dtype == object or value.dtype.kind in "USV":
+            raise ExportError(f"{who}: input {meta.name!r} must be a tensor or an array, got {type(given).__name__}")
         want = _NUMPY_TYPES.get(meta.type)
-        feed[meta.name] = value.astype(want) if want is not None and value.dtype != want else value
+        if want is not None and value.dtype != want:
+            value = _cast(value, want, meta.name, who)
+        dims = meta.shape
+        if dims is not None:
+            fixed = [d if isinstance(d, int) and d >= 0 else None for d in dims]
+            if len(dims) != value.ndim or any(f is not None and f != g for f, g in zip(fixed, value.shape)):
+                raise ExportError(f"{who}: input {meta.name!r} has shape {tuple(value.shape)}, the model expects "
+                                  f"{_shape_text(dims)}")
+            for d, g in zip(dims, value.shape):
+                if isinstance(d, str) and d:
+                    first = sizes.setdefault(d, (meta.name, g))
+                    if first[1] != g:
+                        raise ExportError(f"{who}: input {meta.name!r} has {d} = {g} (shape {tuple(value.shape)}), "
+                                          f"but input {first[0]!r} has {d} = {first[1]}: they must agree")
+        feed[meta.name] = value
     return feed
+
+
+def run(sess, feed: dict, who: str, fetch=None) -> list:
+    """`sess.run`, an onnxruntime failure as one ExportError line naming `who` and the input shapes."""
+    try:
+        return sess.run(fetch, feed)
+    except Exception as e:  # noqa: BLE001 - what the inputs made the model do
+        shapes = ", ".join(f"{k} {tuple(np.shape(v))}" for k, v in feed.items())
+        raise ExportError(f"onnxruntime failed to run {who} on inputs {shapes}: {ort_message(e)}") from None
 
 
 def _tensors(outs) -> list[torch.Tensor]:
@@ -125,8 +192,9 @@ class OnnxRuntimeRunner:
         self.output_names = [o.name for o in self.session.get_outputs()]
 
     def __call__(self, *inputs, **named) -> list[torch.Tensor]:
-        values = order_inputs(self.input_names, inputs, named, os.path.basename(self.path), ExportError)
-        return _tensors(self.session.run(None, to_feed(self._inputs, values)))
+        who = os.path.basename(self.path)
+        values = order_inputs(self.input_names, inputs, named, who, ExportError)
+        return _tensors(run(self.session, to_feed(self._inputs, values, who), who))
 
     def __repr__(self) -> str:
         return f"OnnxRuntimeRunner({self.path!r}, inputs={self.input_names}, outputs={self.output_names})"
@@ -204,16 +272,21 @@ class OnnxPABRunner:
 
     def __call__(self, *inputs, **named) -> list[torch.Tensor]:
         m = self.manifest
-        values = dict(zip(self.input_names, order_inputs(self.input_names, inputs, named, self.directory, ExportError)))
-        batch = values[m.batch_input].shape[0] if m.batch_input in values else None
+        who = self.directory
+        values = dict(zip(self.input_names, order_inputs(self.input_names, inputs, named, who, ExportError)))
+        # checked and converted before the schedule state moves on: a refused call leaves it as it was
+        # (every pattern file takes the model's inputs alike; the all-compute one is opened first anyway)
+        first = next((p for p in m.patterns if all(p.computes)), m.patterns[0])
+        metas = self.session(tuple(first.computes)).get_inputs()[:len(self.input_names)]
+        model_feed = to_feed(metas, [values[meta.name] for meta in metas], who)
+        batch = model_feed[m.batch_input].shape[0] if m.batch_input in model_feed else None
         step = self.state.begin(values[m.timestep_input], batch, [values[n] for n in self.conditioning])
         sess = self.session(step.computes)
         entry = m.pattern(step.computes)
-        metas = sess.get_inputs()[:len(self.input_names)]
-        feed = to_feed(metas, [values[meta.name] for meta in metas])
+        feed = {meta.name: model_feed[meta.name] for meta in sess.get_inputs()[:len(self.input_names)]}
         for (i, j), name in zip(entry.cache_inputs, entry.inputs[len(self.input_names):]):
             feed[name] = step.caches[i][j]  # as onnxruntime gave it: no conversion
-        outs = sess.run(None, feed)
+        outs = run(sess, feed, f"{entry.file} of {who}")
         fresh: dict[int, list] = {}
         for (i, _), value in zip(entry.cache_outputs, outs[m.outputs:]):
             fresh.setdefault(i, []).append(value)

@@ -64,6 +64,7 @@ from torch import fx, nn
 from torch.fx import _pytree as fx_pytree
 from torch.utils import _pytree as pytree
 
+from dittofx import _log
 from dittofx._torch_compat import graph_specs, is_fake
 from dittofx.rewriter import specialize
 from dittofx.runtime.eager import make_eager
@@ -534,7 +535,9 @@ class PABRunner(nn.Module):
                 if found is None:
                     prog = program(self.gm, computes)
                     if self.compile:
-                        prog = torch.compile(prog, **self.compile_options)
+                        pattern = "".join("1" if c else "0" for c in computes)
+                        prog = _SaidOnFirstCall(torch.compile(prog, **self.compile_options),
+                                                   f"torch.compile broadcast pattern {pattern} (first use)")
                     else:
                         make_eager(prog)
                     found = self._programs[computes] = (prog, *cache_layout(self.gm, computes))
@@ -583,3 +586,22 @@ def patterns(rules: list[Rule]) -> list[tuple[bool, ...]]:
             decision = {r: base[g] or bool(forced >> g & 1) for g, r in enumerate(groups)}
             seen.add(tuple(decision[r] for r in rules))
     return sorted(seen, key=lambda p: (-sum(p), p))
+
+
+class _SaidOnFirstCall:
+    """A compiled program whose first call is shown as a progress stage: torch.compile compiles then
+    (minutes). Its attributes are the program's."""
+
+    def __init__(self, fn, what: str):
+        self.fn, self.what, self.done = fn, what, False
+
+    def __call__(self, *args):
+        if self.done:
+            return self.fn(*args)
+        with _log.stage(self.what):
+            out = self.fn(*args)
+        self.done = True
+        return out
+
+    def __getattr__(self, name: str):
+        return getattr(self.__dict__["fn"], name)

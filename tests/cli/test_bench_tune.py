@@ -1,8 +1,9 @@
-"""`dittofx bench` and `dittofx tune`, and the pieces under them: agreement metrics, FLOP counts,
-workloads (the denoising loop, calibration inputs), sweeps and the tune search."""
+"""`dittofx bench`, `dittofx tune` and `dittofx demo`, and the pieces under them: agreement metrics, FLOP
+counts, workloads (the denoising loop, calibration inputs), sweeps and the tune search."""
 
 import json
 import math
+import os
 import types
 
 import pytest
@@ -64,6 +65,78 @@ def test_bench_diffusion_model_runs_a_denoising_loop_with_psnr(tmp_path, capsys)
     assert every_other["flop_ratio"] > 1.0
     assert (tmp_path / "pab.png").read_bytes()[:8] == PNG_MAGIC
     assert "PSNR" in stdout and "4-step loop" in stdout
+
+
+def test_bench_times_a_forward_at_batch_8_and_warns_when_it_is_too_short(tmp_path, capsys, monkeypatch):
+    from dittofx.measure import timing
+
+    monkeypatch.setattr(timing, "MIN_TIMED_SECONDS", 1e3)  # every run is "too short": the warning must show
+    out = tmp_path / "bench.json"
+    code, _, err = cli(capsys, "bench", "zoo:vit", "--pass", "tome:r=8", "--rounds", 1, "--warmup", 0,
+                       "--json", out, "--quiet")
+    assert code == 0, err
+    data = json.loads(out.read_text())
+    assert data["batch"] == 8 and data["agreement_samples"] == 8
+    warning = [ln for ln in err.splitlines() if "warning" in ln]
+    assert len(warning) == 1 and "a forward at batch 8" in warning[0] and "--batch " in warning[0], err
+
+
+def test_bench_rlt_says_when_no_tubelet_was_dropped(capsys):
+    code, _, err = cli(capsys, "bench", "zoo:videomae", "--pass", "rlt:tau=0.1", "--rounds", 1, "--warmup", 0,
+                       "--batch", 2, "--quiet")
+    assert code == 0, err
+    assert "rlt dropped no tubelet" in err and "random noise has no static tubelets" in err and "--inputs" in err
+    # the real clip shipped for the RLT benchmark (a slow pan): RLT drops tubelets, nothing to warn about
+    clips = os.path.join(os.path.dirname(__file__), "..", "..", "benchmarks", "data")
+    code, _, err = cli(capsys, "bench", "zoo:videomae", "--pass", "rlt:tau=0.1", "--rounds", 1, "--warmup", 0,
+                       "--batch", 2, "--inputs", clips, "--quiet")
+    assert code == 0, err
+    assert "no tubelet" not in err, err
+
+
+# ---------------------------------------------------------------------------------------------
+# demo
+
+
+def _demo_rows(out: str) -> dict:
+    return {cells[0]: cells[1:] for cells in ([c.strip() for c in ln.split("│")[1:-1]] for ln in out.splitlines()
+                                              if ln.startswith("│"))}
+
+
+def test_demo_is_reproducible_with_its_spread_and_says_random_weights_mean_little(capsys):
+    argv = ["demo", "--model", "test_vit", "--r", "16", "--batch", "2", "--rounds", "2", "--no-onnx", "--quiet"]
+    runs = []
+    for _ in range(2):
+        code, out, err = cli(capsys, *argv)
+        assert code == 0, err
+        runs.append(out)
+    first, second = (_demo_rows(out) for out in runs)
+    assert set(first) == {"eager untouched", "eager ToMe r=16"}
+    # same seeded weights and inputs: the same agreement (cosine, top-1) in both runs
+    assert [first[k][3:] for k in first] == [second[k][3:] for k in first]
+    assert float(first["eager ToMe r=16"][3]) < 1.0
+    assert "±" in first["eager ToMe r=16"][2]  # speed-up with its spread
+    assert "median of 2 interleaved rounds" in runs[0] and "random weights" in runs[0]
+
+
+def test_demo_inputs_are_the_tome_benchmarks():
+    from dittofx.cli.demo import _benchmark_inputs
+
+    example = (torch.randn(4, 3, 224, 224),)
+    # benchmarks/tome.py: x = torch.rand(batch, 3, img, img, generator=torch.Generator().manual_seed(1))
+    want = torch.rand(4, 3, 224, 224, generator=torch.Generator().manual_seed(1))
+    assert torch.equal(_benchmark_inputs(example, seed=0)[0], want)
+    latent = (torch.randn(2, 4, 16, 16),)  # not an image: the model's own example inputs
+    assert _benchmark_inputs(latent, seed=0)[0] is latent[0]
+
+
+def test_demo_runs_a_diffusion_transformer_with_its_keyword_inputs(capsys):
+    code, out, err = cli(capsys, "demo", "--model", "zoo:dit", "--batch", "1", "--rounds", "1", "--no-onnx",
+                         "--quiet")
+    assert code == 0, err
+    rows = _demo_rows(out)
+    assert set(rows) == {"eager untouched", "eager ToMe ratio=0.5"}
+    assert 0.9 < float(rows["eager ToMe ratio=0.5"][3]) < 1.0 and rows["eager ToMe ratio=0.5"][4] == "-"
 
 
 # ---------------------------------------------------------------------------------------------
@@ -155,6 +228,8 @@ def test_ladders_go_from_mild_to_aggressive():
     (["bench", "zoo:vit", "--pass", "tome", "--plot", "out.jpg"], "PNG"),
     (["bench", "zoo:vit", "--pass", "tome", "--json", "/no/such/dir/x.json"], "does not exist"),
     (["bench", "zoo:vit", "--pass", "tome", "--rounds", "0"], "--rounds"),
+    (["bench", "zoo:vit", "--pass", "tome", "--batch", "0"], "--batch must be at least 1"),
+    (["demo", "--model", "zoo:vit", "--ratio", "1.5"], "--ratio must be in [0, 1)"),
     (["bench", "zoo:vit", "--pass", "tome", "--runtime", "tvm"], "invalid choice"),
     (["tune", "zoo:vit", "--pass", "sdpa"], "tune searches tome, rlt, pab"),
     (["tune", "zoo:dit", "--pass", "pab", "--metric", "psnr", "--min-agreement", "0.99"], "PSNR is in dB"),

@@ -49,6 +49,13 @@ MODELS = textwrap.dedent("""
 
     def data_dependent():
         return DataDependent(), (torch.randn(2, 8),)
+
+    def exits():
+        import sys
+        sys.exit(3)
+
+    def coloured():
+        raise ValueError("\\x1b[31mno such layer\\x1b[0m\\nsecond line")
 """)
 
 
@@ -68,6 +75,13 @@ def models_file(tmp_path):
     (["inspect", "zoo:not_a_model"], ["unknown zoo model"]),
     (["inspect", "{file}:missing_function"], ["missing_function"]),
     (["inspect", "zoo:vit", "--input-shape", "3,x"], ["--input-shape"]),
+    (["inspect", "zoo:vit", "--input-shape", "3,99999999,99999999"], ["(1, 3, 99999999, 99999999)", "2^31"]),
+    (["inspect", "zoo:vit", "--pass", "sdpa:args=1"], ["unknown option 'args' for pass sdpa; accepted: none"]),
+    (["inspect", "zoo:vit", "--pass", "tome:r=4,r=8"], ["option 'r' is given twice"]),
+    (["inspect", "zoo:latte", "--pass", "pab", "--pass", "pab"], ["pass pab is given twice"]),
+    (["inspect", "zoo:videomae", "--pass", "rlt:tau=1e309"], ["tau=1e309 is not a finite number"]),
+    (["inspect", "{file}:exits"], ["exits() called sys.exit(3)"]),
+    (["inspect", "hf:nobody-here/no-such-model"], ["nor in the local Hugging Face cache", "--pretrained"]),
 ])
 def test_user_errors_are_one_line_exit_2(capsys, models_file, argv, words):
     argv = [a.format(file=models_file) for a in argv]
@@ -104,3 +118,55 @@ def test_export_pab_writes_a_folder_of_patterns(capsys, tmp_path):
     code, _, err = cli(capsys, "export", "zoo:cogvideox", "--pass", "pab", "-o", str(tmp_path / "pab.plan"), "--quiet")
     assert code == 2 and "one per broadcast pattern" in err and "Traceback" not in err
     assert not (tmp_path / "pab.plan").exists()
+
+
+def test_error_lines_are_plain_text(capsys, models_file):
+    code, _, err = cli(capsys, "inspect", f"{models_file}:coloured", "--quiet")
+    assert code == 2 and err.count("\n") == 1 and "\x1b" not in err, repr(err)
+    assert err.endswith("raised ValueError: no such layer\n")
+    code, _, err = cli(capsys, "inspect", "zoo:\x1b[2Jvit", "--quiet")  # the user's own input, quoted
+    assert code == 2 and err.count("\n") == 1 and "\x1b" not in err, repr(err)
+
+
+def test_file_model_exiting_at_import_is_one_line(capsys, tmp_path):
+    (tmp_path / "script.py").write_text("import sys\nsys.exit('done')\n")
+    code, _, err = cli(capsys, "inspect", f"{tmp_path / 'script.py'}:build", "--quiet")
+    assert code == 2 and err.count("\n") == 1 and "called sys.exit('done')" in err and "__main__" in err
+
+
+def test_inspect_without_passes_shows_what_the_passes_accept(capsys):
+    # hf_vit's attention carries an all-true mask: the canonicalisation every pass starts from drops it
+    code, out, _ = cli(capsys, "inspect", "zoo:hf_vit", "--quiet")
+    blocks = [ln for ln in out.splitlines() if ln.startswith("vit.layers.")]
+    assert code == 0 and len(blocks) == 4 and all("passes=tome" in ln for ln in blocks), out
+    assert "passes:" not in out  # nothing was asked for
+
+
+def test_a_pass_that_changed_nothing_is_said(capsys):
+    code, out, err = cli(capsys, "inspect", "zoo:vit", "--pass", "tome:r=0", "--quiet")
+    said = "pass 'tome:r=0' changed nothing: "
+    assert code == 0 and said in out
+    assert [ln for ln in err.splitlines() if "changed nothing" in ln] == [
+        "dittofx: warning: " + next(ln for ln in out.splitlines() if ln.startswith(said))]
+
+
+def test_tune_suggests_an_export_of_the_same_model(tmp_path):
+    import shlex
+
+    from dittofx.cli import build_parser
+    from dittofx.cli.tune import export_command
+
+    weights = tmp_path / "my weights.safetensors"
+    tuned = build_parser().parse_args(["tune", "timm:vit_tiny_patch16_224", "--weights", str(weights),
+                                       "--input-shape", "3,64,64", "--pass", "tome"])
+    words = shlex.split(export_command(tuned, "tome:r=(8,-0.5)"))
+    assert words[:2] == ["dittofx", "export"]
+    exported = build_parser().parse_args(words[1:])
+    for flag in ("model", "weights", "pretrained", "input_shape"):  # everything that selects the model
+        assert getattr(exported, flag) == getattr(tuned, flag), flag
+    assert exported.passes == ["tome:r=(8,-0.5)"] and exported.output == "model.onnx"
+
+    tuned = build_parser().parse_args(["tune", "timm:vit_tiny_patch16_224", "--pretrained", "--pass", "pab"])
+    exported = build_parser().parse_args(shlex.split(export_command(tuned, "pab:spatial=2"))[1:])
+    assert exported.pretrained and exported.weights is None
+    assert exported.output.endswith("/")  # a PAB export is a folder

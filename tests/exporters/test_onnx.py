@@ -268,7 +268,7 @@ class _ScatterMean(nn.Module):
         return torch.zeros(x.shape[0], 4, x.shape[2]).scatter_reduce(1, index, x, reduce="mean", include_self=False)
 
 
-def test_scatter_reduce_mean_is_refused_and_nothing_is_written(tmp_path, capsys):
+def test_scatter_reduce_mean_is_refused_and_nothing_is_written(tmp_path):
     torch.manual_seed(0)
     x, index = torch.randn(2, 16, 8), torch.randint(0, 4, (2, 16, 8))
     # What onnxruntime computes: torch exports reduce="mean" as ScatterElements(reduction="none").
@@ -279,10 +279,7 @@ def test_scatter_reduce_mean_is_refused_and_nothing_is_written(tmp_path, capsys)
     assert reductions == {"none"}
     got = OnnxRuntimeRunner(unchecked)(x, index)[0]
     ref = _ScatterMean()(x, index)
-    max_diff = float((got - ref).abs().max())
-    with capsys.disabled():
-        print(f"\n  scatter_reduce(mean) in onnxruntime: max |onnx - torch| = {max_diff:.3f}")
-    assert max_diff > 0.1
+    assert float((got - ref).abs().max()) > 0.1  # onnxruntime computes something else (about 2 here)
 
     out = tmp_path / "mean.onnx"
     out.write_bytes(b"previous export")  # a failed export leaves an existing file untouched

@@ -414,3 +414,154 @@ def test_wrapped_library_errors_are_one_line(tmp_path):
     assert "DiTTransformer2DModel" in msg
     (tmp_path / "config.json").write_text('{"_class_name": "NoSuchModel"}')
     assert "NoSuchModel" in _spec_error(resolve, f"diffusers:{tmp_path}")
+
+
+def test_file_calling_sys_exit_is_one_line_not_the_end_of_dittofx(tmp_path):
+    path = _write(tmp_path, "import sys\n\ndef build():\n    sys.exit(3)\n", name="exits.py")
+    assert "build() called sys.exit(3) instead of returning a model" in _spec_error(resolve, f"{path}:build")
+    path = _write(tmp_path, "import sys\nsys.exit()\n", name="script.py")
+    msg = _spec_error(resolve, f"{path}:build")
+    assert "importing" in msg and "called sys.exit()" in msg and "__main__" in msg
+
+
+# ---------------------------------------------------------------------------------------------
+# inputs too large to make
+
+
+def test_inputs_too_large_are_refused_before_allocating():
+    msg = _spec_error(resolve, "zoo:vit", input_shape=(3, 99999999, 99999999))
+    assert "(1, 3, 99999999, 99999999)" in msg and "2^31" in msg
+    assert "2^31" in _spec_error(example_inputs_for, nn.Linear(2, 2), input_shape=(2**30 + 1,), batch=2)
+    assert example_inputs_for(nn.Linear(2, 2), input_shape=(2,), batch=2) is not None
+
+
+def test_a_failed_allocation_of_inputs_is_one_line(monkeypatch):
+    def no_memory(*a, **k):
+        raise RuntimeError("[enforce fail at alloc_cpu.cpp:127] DefaultCPUAllocator: can't allocate memory: "
+                           "you tried to allocate 1200 bytes.\nsecond line")
+
+    monkeypatch.setattr(torch, "randn", no_memory)
+    msg = _spec_error(example_inputs_for, nn.Linear(2, 2), input_shape=(300,))
+    assert msg.startswith("not enough memory for the example inputs of Linear") and "can't allocate" in msg
+
+
+# ---------------------------------------------------------------------------------------------
+# the Hugging Face hub: contacted only with --pretrained, once it answered; else the local cache
+
+
+def _closed_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture
+def hub(monkeypatch, tmp_path):
+    """An empty local cache and a hub endpoint where nothing listens (a connection is refused at once);
+    online mode, so that only dittofx's own rules keep the hub out."""
+    import huggingface_hub.constants as constants
+
+    from dittofx.models import specs
+
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", False)
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(tmp_path / "hub-cache"))
+    monkeypatch.setattr(constants, "ENDPOINT", f"http://127.0.0.1:{_closed_port()}")
+    specs._hub_answer.cache_clear()
+    yield tmp_path / "hub-cache"
+    specs._hub_answer.cache_clear()
+
+
+def _cache_tiny_vit(cache, repo):
+    """A tiny ViT saved as the hub cache keeps a download of `repo` (refs/main -> snapshots/COMMIT)."""
+    import transformers
+
+    config = transformers.ViTConfig(hidden_size=32, num_hidden_layers=1, num_attention_heads=2,
+                                    intermediate_size=64, image_size=32, patch_size=8, num_labels=3)
+    model = transformers.ViTForImageClassification(config).eval()
+    folder, commit = cache / f"models--{repo.replace('/', '--')}", "0123456789abcdef0123456789abcdef01234567"
+    (folder / "refs").mkdir(parents=True)
+    (folder / "refs" / "main").write_text(commit)
+    model.save_pretrained(folder / "snapshots" / commit)
+    return model
+
+
+def test_hub_reachability_is_checked_once_with_a_short_timeout(hub, monkeypatch):
+    import http.server
+    import threading
+
+    from dittofx.models import specs
+
+    assert specs.HUB_TIMEOUT_S <= 3
+    msg = specs.hub_unreachable()
+    assert "did not answer within 3 s" in msg and "ConnectError" in msg and "\n" not in msg
+
+    heads = []
+
+    class Hub(http.server.BaseHTTPRequestHandler):
+        def do_HEAD(self):
+            heads.append(self.path)
+            self.send_response(200)
+            self.end_headers()
+
+        def log_message(self, *args):
+            pass
+
+    server = http.server.HTTPServer(("127.0.0.1", 0), Hub)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        import huggingface_hub.constants as constants
+
+        monkeypatch.setattr(constants, "ENDPOINT", f"http://127.0.0.1:{server.server_port}")
+        assert specs.hub_unreachable() is None and specs.hub_unreachable() is None
+        assert len(heads) == 1  # once per process
+    finally:
+        server.shutdown()
+        server.server_close()
+
+
+def test_a_hub_id_without_pretrained_is_read_from_the_cache_only(hub, monkeypatch):
+    from dittofx.models import specs
+
+    def contacted():
+        raise AssertionError("the hub was asked without --pretrained")
+
+    monkeypatch.setattr(specs, "hub_unreachable", contacted)
+    saved = _cache_tiny_vit(hub, "someone/tiny-vit")
+    r = resolve("hf:someone/tiny-vit")
+    assert r.family == "transformers" and tuple(r.example_inputs[0].shape) == (1, 3, 32, 32)
+    for k, v in saved.state_dict().items():
+        assert torch.equal(r.model.state_dict()[k], v), k  # the cached weights, not random ones
+    msg = _spec_error(resolve, "hf:someone/not-cached")
+    assert "not a local folder nor in the local Hugging Face cache" in msg and "pass --pretrained" in msg
+    assert "pass --pretrained" in _spec_error(resolve, "diffusers:someone/not-cached#transformer")
+
+
+@pytest.mark.parametrize("spec", ["hf:someone/not-cached", "diffusers:someone/not-cached#transformer",
+                                  "timm:vit_tiny_patch16_224"])
+def test_pretrained_with_the_hub_unreachable_fails_at_once(hub, spec):
+    import time
+
+    start = time.perf_counter()
+    msg = _spec_error(resolve, spec, pretrained=True)
+    assert time.perf_counter() - start < 15  # not a minute of retries
+    assert "did not answer within 3 s" in msg
+    assert ("--weights" if spec.startswith("timm") else "connect to the network") in msg
+
+
+def test_pretrained_with_the_hub_unreachable_uses_the_cache(hub):
+    saved = _cache_tiny_vit(hub, "someone/tiny-vit")
+    r = resolve("hf:someone/tiny-vit", pretrained=True)
+    assert torch.equal(r.model.classifier.weight, saved.classifier.weight)
+
+
+def test_hf_hub_offline_skips_the_hub(hub, monkeypatch):
+    import huggingface_hub.constants as constants
+
+    from dittofx.models import specs
+
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)
+    monkeypatch.setattr(specs, "hub_unreachable", lambda: pytest.fail("HF_HUB_OFFLINE must skip the check"))
+    msg = _spec_error(resolve, "hf:someone/not-cached", pretrained=True)
+    assert "HF_HUB_OFFLINE is set" in msg and "unset HF_HUB_OFFLINE" in msg

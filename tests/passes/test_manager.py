@@ -153,3 +153,89 @@ def test_old_import_paths_work_for_a_release_and_say_where_the_name_went():
     from dittofx.passes.tome import grid_destinations, proportional_bias  # the pass module still has them
     from dittofx.runtime import OnnxRuntimeRunner  # noqa: F401 - the runners' old home
     assert grid_destinations and proportional_bias
+
+
+# ---------------------------------------------------------------------------------------------
+# specs and pass lists the parser refuses, in one line
+
+
+def _spec_refusal(fn, *args) -> str:
+    with pytest.raises(PassSpecError) as e:
+        fn(*args)
+    assert "\n" not in str(e.value)
+    return str(e.value)
+
+
+def test_an_option_given_twice_is_refused_not_overwritten():
+    assert "option 'r' is given twice in 'tome:r=4,r=8'" in _spec_refusal(parse_pass, "tome:r=4,r=8")
+    assert "given twice" in _spec_refusal(parse_pass, "pab:spatial=2, spatial=2")
+
+
+def test_a_pass_given_twice_is_said_as_such(vit):
+    msg = _spec_refusal(check_order, [PAB(), PAB()])
+    assert msg.startswith("pass pab is given twice") and "give each pass once" in msg
+    assert "pass tome is given twice (tome:r=2 and tome:r=4)" in _spec_refusal(check_order, [ToMe(r=2), ToMe(r=4)])
+    assert "given twice" in _spec_refusal(dittofx.optimize, vit.model, ["pab", "pab"], vit.example_inputs)
+
+
+@pytest.mark.parametrize("spec", ["rlt:tau=inf", "rlt:tau=1e309", "rlt:tau=-Infinity", "rlt:tau=nan",
+                                  "pab:timestep_window=(0,1e309)", "tome:r=(8,1e999)"])
+def test_numbers_that_are_not_finite_are_refused_alike(spec):
+    key = spec.split(":")[1].split("=")[0]
+    msg = _spec_refusal(parse_pass, spec)
+    assert f"{key}=" in msg and "is not a finite number" in msg
+
+
+def test_a_pass_object_holding_a_non_finite_option_is_refused():
+    assert "not a finite number" in _spec_refusal(dittofx.optimize, torch.nn.Linear(2, 2), [RLT(tau=float("inf"))],
+                                                   (torch.randn(2, 2),))
+
+
+@pytest.mark.parametrize("passes, got", [({"tome:r=2": 1}, "dict"), ({"tome:r=2"}, "set"), (3, "int"),
+                                         (b"tome", "bytes")])
+def test_passes_must_be_a_list_of_specs_or_passes(passes, got):
+    msg = _spec_refusal(dittofx.optimize, torch.nn.Linear(2, 2), passes, (torch.randn(2, 2),))
+    assert "a list of pass specs" in msg and f"got a {got}" in msg
+
+
+@dataclass(repr=False)
+class Fussy(Pass):
+    """A pass with an internal field and a constructor that fails in a way it did not plan for."""
+
+    name: ClassVar[str] = "fussy"
+    level: int = 1
+    cache: dict = dataclasses.field(default_factory=dict, init=False)
+
+    def __post_init__(self):
+        self.doubled = self.level * 2 + 1  # TypeError for a text level
+
+
+def test_the_accepted_options_are_the_constructors_and_its_failures_are_one_line():
+    REGISTRY["fussy"] = f"{__name__}:Fussy"
+    try:
+        assert Fussy.option_names() == ["level"]
+        assert "unknown option 'cache' for pass fussy; accepted: level" in _spec_refusal(parse_pass, "fussy:cache=1")
+        msg = _spec_refusal(parse_pass, "fussy:level=abc")
+        assert msg.startswith("fussy: cannot take level=abc") and "accepted options: level" in msg
+    finally:
+        del REGISTRY["fussy"]
+    assert "unknown option 'args' for pass sdpa; accepted: none" in _spec_refusal(parse_pass, "sdpa:args=1")
+
+
+# ---------------------------------------------------------------------------------------------
+# a pass that changed nothing is said
+
+
+def test_a_pass_that_changed_nothing_is_said_in_the_report_and_the_log(vit, caplog):
+    with caplog.at_level("WARNING", logger="dittofx"):
+        opt = dittofx.optimize(vit.model, ["tome:r=0"], vit.example_inputs)
+    line = "pass 'tome:r=0' changed nothing: "
+    assert list(opt.report.unchanged) == ["tome:r=0"]
+    assert sum(ln.startswith(line) for ln in str(opt.report).splitlines()) == 1
+    assert [r.getMessage() for r in caplog.records if r.levelname == "WARNING"] == \
+        [ln for ln in str(opt.report).splitlines() if ln.startswith(line)]
+    caplog.clear()
+    with caplog.at_level("WARNING", logger="dittofx"):  # its exactness check runs tome:r=0: not the user's pass
+        opt = dittofx.optimize(vit.model, ["tome:r=2"], vit.example_inputs)
+    assert not opt.report.unchanged and "changed nothing" not in str(opt.report)
+    assert not [r for r in caplog.records if "changed nothing" in r.getMessage()]

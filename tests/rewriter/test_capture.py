@@ -111,3 +111,56 @@ def test_any_failure_after_the_export_is_one_capture_error(monkeypatch):
         capture(Dynamic(), (torch.randn(3, 5),))
     msg = str(e.value)
     assert "\n" not in msg and "Dynamic" in msg and "recorder broke" in msg
+
+
+def test_an_example_batch_of_0_is_refused_in_one_line():
+    with pytest.raises(CaptureError) as e:
+        capture(Dynamic(), (torch.randn(0, 5),))
+    msg = str(e.value)
+    assert "\n" not in msg and "batch of 0" in msg and "at least one sample" in msg
+
+
+class ChecksItsInput(nn.Module):
+    """A model that checks its input size as timm's patch embedding does, then computes on it."""
+
+    def __init__(self):
+        super().__init__()
+        self.proj = nn.Linear(8, 4)
+
+    def forward(self, x):
+        assert x.shape[-2] == 6, f"Input height ({x.shape[-2]}) doesn't match model (6)."
+        return self.proj(x)
+
+
+@pytest.mark.parametrize("shape, words", [
+    ((2, 7, 8), ["AssertionError", "Input height (7) doesn't match model (6)"]),  # the model's own assertion
+    ((2, 6, 5), ["RuntimeError", "shapes cannot be multiplied"]),  # a shape error in its computation
+])
+def test_the_models_own_failure_on_the_example_is_the_cause(shape, words):
+    with pytest.raises(CaptureError) as e:
+        capture(ChecksItsInput(), (torch.randn(*shape),))
+    msg = str(e.value)
+    assert "\n" not in msg and "ChecksItsInput fails on the example inputs" in msg and all(w in msg for w in words)
+    assert "control flow" not in msg  # torch.export's advice is not the cause here
+
+
+def test_control_flow_on_values_still_gets_the_advice():
+    with pytest.raises(CaptureError) as e:
+        capture(ValueBranch(), (torch.randn(2, 3),))
+    assert "control flow" in str(e.value) and "fails on the example" not in str(e.value)
+
+
+def test_a_training_models_buffers_survive_the_failure_check():
+    class Normed(ChecksItsInput):
+        def __init__(self):
+            super().__init__()
+            self.norm = nn.BatchNorm1d(7)
+
+        def forward(self, x):
+            return super().forward(self.norm(x))
+
+    model = Normed().train()
+    before = model.norm.running_mean.clone()
+    with pytest.raises(CaptureError, match="doesn't match model"):
+        capture(model, (torch.randn(2, 7, 8),))
+    assert torch.equal(model.norm.running_mean, before)

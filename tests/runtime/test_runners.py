@@ -70,6 +70,49 @@ def test_onnxruntime_runner_input_errors(exported, tmp_path):
         OnnxRuntimeRunner(tmp_path / "junk.onnx")
 
 
+@pytest.mark.parametrize("inputs, message", [
+    ((torch.randn(2, 7), torch.rand(2)), r"^two.onnx: input 'x' has shape \(2, 7\), the model expects \(batch, 6\)$"),
+    ((torch.randn(6), torch.rand(2)), r"input 'x' has shape \(6,\), the model expects \(batch, 6\)$"),
+    ((torch.randn(2, 6), torch.rand(3)), r"input 'scale' has batch = 3 \(shape \(3,\)\), but input 'x' has batch = 2"),
+    ((torch.randn(2, 6), torch.rand(2, 1)), r"input 'scale' has shape \(2, 1\), the model expects \(batch,\)"),
+    ((torch.randn(2, 6, dtype=torch.complex64), torch.rand(2)), r"input 'x' is complex64, the model takes float32"),
+    ((None, torch.rand(2)), r"input 'x' must be a tensor or an array, got NoneType"),
+    (("abc", torch.rand(2)), r"input 'x' must be a tensor or an array, got str"),
+])
+def test_onnxruntime_runner_wrong_inputs_are_one_line_naming_the_input(exported, inputs, message):
+    _, path = exported
+    with pytest.raises(ExportError, match=message) as e:
+        OnnxRuntimeRunner(path)(*inputs)
+    assert "\n" not in str(e.value)
+
+
+def test_onnxruntime_runner_converts_only_without_loss(tmp_path):
+    class Index(nn.Module):
+        def forward(self, table, index):
+            return table.index_select(1, index[0])
+
+    path = tmp_path / "index.onnx"
+    export_onnx(Index(), path, (torch.randn(2, 5), torch.tensor([[0, 3]])))
+    runner = OnnxRuntimeRunner(path)
+    table = torch.randn(2, 5)
+    assert torch.equal(runner(table, np.array([[4.0, 1.0]]))[0], table[:, [4, 1]])  # integral floats: indices
+    with pytest.raises(ExportError, match=r"input 'index' is float64, the model takes int64"):
+        runner(table, np.array([[4.5, 1.0]]))
+
+
+def test_onnxruntime_runner_failure_inside_the_model_is_one_line(exported, tmp_path):
+    class Gather(nn.Module):
+        def forward(self, table, index):
+            return table[:, index]
+
+    path = tmp_path / "gather.onnx"
+    export_onnx(Gather(), path, (torch.randn(2, 5), torch.tensor([1, 3])), dynamic_batch=False)
+    with pytest.raises(ExportError, match=r"^onnxruntime failed to run gather.onnx on inputs table \(2, 5\), "
+                                          r"index \(2,\): .*Gather") as e:
+        OnnxRuntimeRunner(path)(torch.randn(2, 5), torch.tensor([1, 9]))  # index 9 out of range
+    assert "\n" not in str(e.value)
+
+
 def test_tensorrt_runner_without_tensorrt(tmp_path, monkeypatch):
     monkeypatch.setitem(sys.modules, "tensorrt", None)  # `import tensorrt` fails as if not installed
     with pytest.raises(ExportError) as exc:

@@ -33,6 +33,10 @@ first transformer block:
    token sequence returned by the model is run-length decoded back to (B, N, ...) (a dropped token
    gets the value of the kept token that starts its run).
 
+Non-finite input stays in its clip, as in the original model: a clip with a NaN or inf keeps every
+token (its output is the original's for it), and packed clips meet only in gathers, never in a
+matmul (0 x inf is NaN), so the other clips are what they are without it.
+
 Sizes that the capture hard-coded (token count; packed: the batch) are rewritten by the rewriter's
 token-size facility to be read at run time. `tau < 0` keeps every token: the pass then leaves the
 graph untouched (identical outputs).
@@ -60,9 +64,9 @@ from dittofx.passes.rlt.ops import (  # noqa: F401 - the algorithm, importable f
     Packed,
     Padded,
     RLTState,
+    finite_clips,
     keep_mask,
     rlt_attention,
-    rlt_block_mask,
     rlt_keep,
     rlt_patch_embed,
     rlt_pool,
@@ -99,7 +103,7 @@ TOKEN_MIXING = {aten.conv1d.default, aten.conv2d.default, aten.conv3d.default, a
                 aten.max_pool2d.default, aten.max_pool3d.default, aten.roll.default, aten.flip.default,
                 aten.cumsum.default, aten.sort.default, aten.topk.default}
 # what RLT inserts: its own nodes are not exits of the token region
-_OURS = (rlt_keep, rlt_patch_embed, rlt_tokenize, rlt_tokenize_padded, rlt_attention, rlt_block_mask)
+_OURS = (rlt_keep, rlt_patch_embed, rlt_tokenize, rlt_tokenize_padded, rlt_attention)
 
 
 def _grid_labels(axis: ax.Axis) -> list[ax.Label]:
@@ -229,7 +233,7 @@ class RLT(Pass):
         for node in sites:
             self._check_site(node, region)
         if layout == "packed":
-            self._packed_attention(gm, sites, outs, amap, stream)
+            self._packed_attention(sites, outs)
         else:
             self._padded_attention(sites, outs, add)
         exits = self._rewrite_exits(gm, region, amap, set(grid_labels), stream, state, outs, set(add.nodes))
@@ -269,24 +273,15 @@ class RLT(Pass):
             raise UnsupportedModelError(f"RLT cannot pack clips through attention {node.name}: its keys or "
                                         f"values do not come from the video tokens")
 
-    def _packed_attention(self, gm, sites, outs, amap, stream) -> None:
-        """Block-diagonal attention over the packed tokens at every site."""
-        graph = gm.graph
-        block_mask = None
+    @staticmethod
+    def _packed_attention(sites, outs: Packed) -> None:
+        """Block-diagonal attention over the packed tokens at every site, one clip per row (whatever the
+        leading dims: (B, H, N, d), (B, N, d), (B * H, N, d)), with no L x L mask: an L x L matmul would
+        mix clips (0 x NaN is NaN) and cost attention over the whole batch."""
         for node in sites:
             q, k, v = node.args[:3]
-            heads_first = all(len(ax.shape_of(n)) == 4 and amap.axis_of(n, 0).labels and amap.axis_of(n, 2).labels
-                              and not amap.axis_of(n, 1).labels for n in (q, k, v))
-            if heads_first:  # (B, H, N, d): block-diagonal attention one clip per row, no L x L mask
-                kwargs = {k: v for k, v in node.kwargs.items() if k != "attn_mask"}
-                replace_node(node, rlt_attention, (q, k, v, outs.pad_idx, outs.key_bias, outs.unpad_idx), kwargs)
-            else:
-                # another layout: an additive (L, L) block-diagonal mask, broadcast over the leading dims
-                if block_mask is None:
-                    with graph.inserting_after(outs.key_bias):
-                        block_mask = graph.call_function(rlt_block_mask, (outs.clip, outs.tokens))
-                    copy_scope(stream, block_mask)
-                set_arg(node, "attn_mask", block_mask)
+            kwargs = {k: v for k, v in node.kwargs.items() if k != "attn_mask"}
+            replace_node(node, rlt_attention, (q, k, v, outs.pad_idx, outs.key_bias, outs.unpad_idx), kwargs)
 
     @staticmethod
     def _padded_attention(sites, outs: Padded, add: Inserter) -> None:
@@ -375,7 +370,7 @@ class RLT(Pass):
                     keepdim = bool(arg(user, "keepdim", False))
                     if [d % len(axes) for d in dims] == [1]:
                         if packed:
-                            replace_node(user, rlt_pool, (n, outs.pool, keepdim))
+                            replace_node(user, rlt_pool, (n, outs.pool, outs.pad_idx, keepdim))
                         else:
                             replace_node(user, size_weighted_mean, (n, outs.size, 0, keepdim))
                         done.append("mean over tokens pooled per clip")

@@ -2,10 +2,15 @@
 exits; each function is one node of the rewritten graph, with its axis rule.
 
 The tokenizers return tuples whose fields `Packed` and `Padded` name: the pass reads them by name.
+
+Non-finite input stays in its clip, as in the original model: a clip with a NaN or inf keeps every
+token (its output is the original's for it), and no op mixes clips through arithmetic (0 x inf is
+NaN): packed clips meet only in gathers, and attention and pooling run one clip per row.
 """
 
 from __future__ import annotations
 
+import math
 from typing import NamedTuple
 
 import torch
@@ -24,7 +29,7 @@ class Packed(NamedTuple):
 
     tokens: object  # (1, L, D): the kept tokens of every clip, clip after clip
     clip: object  # (L,) the clip of every packed token
-    pool: object  # (B, L) the mean over each clip's tokens, as a matrix
+    pool: object  # (B, M) bool: which of a clip's M slots are its own tokens (the others are pad slots)
     starts: object  # (B,) where each clip starts
     cover: object  # (B * (P + N),) run-length decode index into the packed tokens
     pad_idx: object  # (B * M,) lays the packed tokens out one clip per row for attention
@@ -48,27 +53,37 @@ def patch_diff(a: torch.Tensor, b: torch.Tensor, ph: int, pw: int) -> torch.Tens
     return d.mean(dim=(1, -3, -1))
 
 
+def finite_clips(video: torch.Tensor) -> torch.Tensor:
+    """(B,) whether every value of each clip is finite, from one sum per clip: a NaN or inf makes the
+    sum non-finite. A finite clip whose sum overflows counts as non-finite, which costs only speed."""
+    acc = torch.float32 if video.dtype in (torch.float16, torch.bfloat16) else None
+    return video.sum(dim=tuple(range(1, video.dim())), dtype=acc).isfinite()
+
+
 def keep_mask(video: torch.Tensor, tubelet: tuple[int, int, int], tau: float,
               compare: str = "previous") -> torch.Tensor:
-    """Which tubelet tokens to keep: video (B, C, T, H, W) -> bool (B, T/ts, H/ph, W/pw)."""
+    """Which tubelet tokens to keep: video (B, C, T, H, W) -> bool (B, T/ts, H/ph, W/pw). A clip with a
+    NaN or inf keeps every token: its output is then the original model's (NaN is never <= tau, but a
+    non-finite pixel can sit in a frame no comparison reads)."""
     ts, ph, pw = tubelet
     b, _, t, h, w = video.shape
     nt = t // ts
     keep0 = torch.ones((b, 1, h // ph, w // pw), dtype=torch.bool, device=video.device)
     if nt == 1:
         return keep0
+    every = ~finite_clips(video).reshape(b, 1, 1, 1)
     if compare == "previous":
         # last frame of tubelets 1.. against the first frame of tubelets 0..nt-2 (the reference code's
         # x[:, :, 2ts-1::ts] - x[:, :, :-ts:ts])
         diff = patch_diff(video[:, :, 2 * ts - 1:nt * ts:ts], video[:, :, 0:(nt - 1) * ts:ts], ph, pw)
-        return torch.cat([keep0, diff > tau], dim=1)
+        return torch.cat([keep0, (diff > tau) | every], dim=1)
     first = video[:, :, 0:nt * ts:ts]  # first frame of every tubelet
     last = video[:, :, ts - 1:nt * ts:ts]  # last frame of every tubelet
     # run_start: compare with the first frame of the tubelet that started the current run
     ref = first[:, :, 0]
     keeps = [keep0[:, 0]]
     for i in range(1, nt):
-        k = patch_diff(last[:, :, i], ref, ph, pw) > tau  # (B, h', w')
+        k = (patch_diff(last[:, :, i], ref, ph, pw) > tau) | every[:, 0]  # (B, h', w')
         keeps.append(k)
         sel = k.repeat_interleave(ph, dim=1).repeat_interleave(pw, dim=2).unsqueeze(1)
         ref = torch.where(sel, first[:, :, i], ref)
@@ -249,10 +264,10 @@ def _lowest(x: torch.Tensor) -> torch.Tensor:
 def rlt_tokenize(state: RLTState, keep: torch.Tensor, x: torch.Tensor):
     """Drop repeated tubelet tokens of `x` (B, P + N, D) and pack the clips into one sequence.
 
-    Returns (packed (1, L, D), clip of each packed token (L,), pooling matrix (B, L), segment
-    starts (B,), run-length decode index (B * (P + N),), the index (B * M,) that lays the packed tokens
-    out one clip per row for attention, the index (L,) back, and the key bias (B, M): 0, or the lowest
-    value at pad slots).
+    Returns (packed (1, L, D), clip of each packed token (L,), which of the B x M slots are real tokens
+    (B, M), segment starts (B,), run-length decode index (B * (P + N),), the index (B * M,) that lays
+    the packed tokens out one clip per row for attention and pooling, the index (L,) back, and the key
+    bias (B, M): 0, or the lowest value at pad slots).
     """
     b, s, d = x.shape
     k = _kept(state, keep, x)
@@ -260,8 +275,6 @@ def rlt_tokenize(state: RLTState, keep: torch.Tensor, x: torch.Tensor):
     packed = rows if _eager() and k.idx.shape[0] == b * s else rows.index_select(0, k.idx)  # all kept: a view
     packed = _with_lengths(state, packed, k.lengths)
     seg = torch.div(k.idx, s, rounding_mode="floor")  # the clip of every packed token
-    onehot = (seg.unsqueeze(0) == torch.arange(b, device=x.device).unsqueeze(1)).to(x.dtype)  # (B, L)
-    pool = onehot / onehot.sum(dim=1, keepdim=True)
     # block-diagonal attention without an L x L mask: each clip's tokens padded to the longest clip's
     # count M (the pad slots repeat the clip's last token and are masked as keys), (B, M) slots
     slots = _slots(state, k, s)
@@ -270,7 +283,7 @@ def rlt_tokenize(state: RLTState, keep: torch.Tensor, x: torch.Tensor):
     pad_idx = (k.starts.unsqueeze(1) + torch.minimum(slots.unsqueeze(0), (k.counts - 1).unsqueeze(1))).reshape(-1)
     key_bias = torch.where(valid, torch.zeros((), dtype=x.dtype, device=x.device), _lowest(x))  # (B, M)
     unpad_idx = seg * m + (torch.arange(k.idx.shape[0], device=x.device) - k.starts.index_select(0, seg))
-    return packed.unsqueeze(0), seg, pool, k.starts, k.cover, pad_idx, unpad_idx, key_bias
+    return packed.unsqueeze(0), seg, valid, k.starts, k.cover, pad_idx, unpad_idx, key_bias
 
 
 def rlt_tokenize_padded(state: RLTState, keep: torch.Tensor, x: torch.Tensor):
@@ -308,39 +321,38 @@ def _eager() -> bool:
 
 
 def _rows(t: torch.Tensor) -> torch.Tensor:
-    """Packed (1, H, L, d) -> (L, H, d): the model's own rows (a transpose that cancels, not a copy)."""
-    return t.transpose(1, 2).squeeze(0)
-
-
-def _packed(rows: torch.Tensor) -> torch.Tensor:
-    return rows.unsqueeze(0).transpose(1, 2)
+    """Packed (..., L, d) -> (L, G, d), G the leading dims (heads; the batch is 1): the model's own rows
+    (for (1, H, L, d) a transpose that cancels, not a copy)."""
+    return t.reshape(math.prod(t.shape[:-2]), t.shape[-2], t.shape[-1]).transpose(0, 1)
 
 
 def _pad(t: torch.Tensor, pad_idx: torch.Tensor, b: int, m: int) -> torch.Tensor:
-    """Packed (1, H, L, d) -> one row per clip (B, H, M, d); pad slots repeat the clip's last token."""
+    """Packed (..., L, d) -> one row per clip (B, G, M, d); pad slots repeat the clip's last token."""
     rows = _rows(t)
-    h, d = rows.shape[1], rows.shape[2]
-    if _eager() and b * m == rows.shape[0]:  # every clip has M tokens: a view
-        return rows.reshape(b, m, h, d).transpose(1, 2)
-    return rows.index_select(0, pad_idx).reshape(b, m, h, d).transpose(1, 2)
+    g, d = rows.shape[1], rows.shape[2]
+    if not (_eager() and b * m == rows.shape[0]):  # else every clip has M tokens: a view
+        rows = rows.index_select(0, pad_idx)
+    return rows.reshape(b, m, g, d).transpose(1, 2)
 
 
-def _unpad(o: torch.Tensor, unpad_idx: torch.Tensor) -> torch.Tensor:
-    """(B, H, M, d) -> packed (1, H, L, d)."""
-    b, h, m, d = o.shape
-    rows = o.transpose(1, 2).reshape(b * m, h, d)
+def _unpad(o: torch.Tensor, unpad_idx: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+    """(B, G, M, d) -> packed (..., L, d), the leading dims of `like`."""
+    b, g, m, d = o.shape
+    rows = o.transpose(1, 2).reshape(b * m, g, d)
     if not (_eager() and b * m == unpad_idx.shape[0]):
         rows = rows.index_select(0, unpad_idx)
-    return _packed(rows)
+    return rows.transpose(0, 1).reshape(*like.shape[:-2], rows.shape[0], d)
 
 
 def rlt_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, pad_idx: torch.Tensor, key_bias: torch.Tensor,
                   unpad_idx: torch.Tensor, scale: float | None = None) -> torch.Tensor:
-    """Block-diagonal attention over packed q, k, v (1, H, L, d) -> (1, H, L, dv), without an L x L mask:
-    one row per clip (B, H, M, d), M the longest clip, the pad slots hidden by an SDPA key mask.
+    """Block-diagonal attention over packed q, k, v (..., L, d) -> (..., L, dv), e.g. (1, H, L, d), without
+    an L x L mask: one row per clip (B, G, M, d), M the longest clip, G the leading dims, the pad slots
+    hidden by an SDPA key mask. No clip meets another in arithmetic, so a NaN stays in its clip.
 
     While exporting there is no mask (in onnxruntime a mask add, or a bias column on q and k, costs
-    ~45 % of the attention): v's pad rows are zeroed and, when some clip is padded, v gains a column
+    ~45 % of the attention): v's pad rows are zeroed (a select, so an inf stays an inf) and, when some
+    clip is padded, v gains a column
     that is 1 at real keys, so the last output column is the softmax mass on real keys, which divides
     the rest. Exact: the copies' logits equal the last real key's, so that mass is >= 1 / (M - n + 1).
     The column's width (0 or 1) is a size computed at run time, so a batch with no padding (one clip,
@@ -350,27 +362,31 @@ def rlt_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, pad_idx: to
     qp, kp, vp = (_pad(t, pad_idx, b, m) for t in (q, k, v))
     if not torch.compiler.is_exporting():
         o = F.scaled_dot_product_attention(qp, kp, vp, attn_mask=key_bias.to(q.dtype).reshape(b, 1, 1, m), scale=scale)
-        return _unpad(o, unpad_idx)
+        return _unpad(o, unpad_idx, q)
     extra = torch.sym_min(b * m - q.shape[2], 1)  # 1 where some clip is padded, else 0
     torch._check(extra >= 0)
     d = vp.shape[-1]
-    real = (key_bias == 0).to(vp.dtype).reshape(b, 1, m, 1).expand(b, vp.shape[1], m, 1)
+    is_real = (key_bias == 0).reshape(b, 1, m, 1)
+    real = is_real.to(vp.dtype).expand(b, vp.shape[1], m, 1)
     weights = ((qp @ kp.transpose(-2, -1)) * (qp.shape[-1] ** -0.5 if scale is None else scale)).softmax(dim=-1)
-    o = _unpad(weights @ torch.cat([vp * real, real[..., :extra]], dim=-1), unpad_idx)
+    vp = torch.where(is_real, vp, torch.zeros((), dtype=vp.dtype, device=vp.device))
+    o = _unpad(weights @ torch.cat([vp, real[..., :extra]], dim=-1), unpad_idx, q)
     return o[..., :d] / (o[..., d:].sum(dim=-1, keepdim=True) + (1 - extra))
 
 
-def rlt_block_mask(seg: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
-    """Additive block-diagonal mask (L, L) over packed tokens: 0 within a clip, the lowest value across."""
-    same = seg.unsqueeze(1) == seg.unsqueeze(0)
-    return torch.where(same, torch.zeros((), dtype=like.dtype, device=like.device),
-                       torch.full((), torch.finfo(like.dtype).min, dtype=like.dtype, device=like.device))
-
-
-def rlt_pool(x: torch.Tensor, pool: torch.Tensor, keepdim: bool) -> torch.Tensor:
-    """Mean over each clip's tokens of packed `x` (1, L, ...) -> (B, ...) (keepdim: (B, 1, ...))."""
+def rlt_pool(x: torch.Tensor, pool: torch.Tensor, pad_idx: torch.Tensor, keepdim: bool) -> torch.Tensor:
+    """Mean over each clip's tokens of packed `x` (1, L, ...) -> (B, ...) (keepdim: (B, 1, ...)): one
+    clip per row (B, M, ...), pad slots (`pool` False) selected away, not multiplied by 0 (0 x inf is NaN)."""
+    b, m = pool.shape
     rest = x.shape[2:]
-    out = (pool @ x.reshape(x.shape[1], -1)).reshape(pool.shape[0], *rest)
+    rows = x.reshape(x.shape[1], -1)
+    if _eager() and b * m == rows.shape[0]:  # no pad slots: the model's own mean, per clip
+        out = rows.reshape(b, m, -1).mean(dim=1)
+    else:
+        rows = torch.where(pool.reshape(b, m, 1), rows.index_select(0, pad_idx).reshape(b, m, -1),
+                           torch.zeros((), dtype=x.dtype, device=x.device))
+        out = rows.sum(dim=1) / pool.sum(dim=1, keepdim=True).to(x.dtype)
+    out = out.reshape(b, *rest)
     return out.unsqueeze(1) if keepdim else out
 
 
@@ -417,16 +433,11 @@ def _tokenize_padded_rule(node: fx.Node, amap: ax.AxisMap):
 
 def _attention_rule(node: fx.Node, amap: ax.AxisMap):
     q, v = amap[node.args[0]], amap[node.args[2]]
-    return (ax.EMPTY, q[1], q[2], v[3]) if len(q) == len(v) == 4 else None
-
-
-def _block_mask_rule(node: fx.Node, amap: ax.AxisMap):
-    tok = amap.axis_of(node.args[0], 0)
-    return (tok, tok)
+    return (ax.EMPTY,) + tuple(q[1:-1]) + (v[-1],) if len(q) == len(v) >= 3 else None
 
 
 def _pool_rule(node: fx.Node, amap: ax.AxisMap):
-    x, pool, keepdim = node.args
+    x, pool, _, keepdim = node.args
     rest = amap[x][2:]
     return (amap.axis_of(pool, 0),) + ((ax.EMPTY,) if keepdim else ()) + tuple(rest)
 
@@ -446,7 +457,6 @@ ax.register_rule(rlt_patch_embed, _patch_embed_rule)
 ax.register_rule(rlt_tokenize, _tokenize_rule)
 ax.register_rule(rlt_tokenize_padded, _tokenize_padded_rule)
 ax.register_rule(rlt_attention, _attention_rule)
-ax.register_rule(rlt_block_mask, _block_mask_rule)
 ax.register_rule(rlt_pool, _pool_rule)
 ax.register_rule(rlt_select, _select_rule)
 ax.register_rule(rlt_unpack, _unpack_rule)

@@ -16,6 +16,13 @@ ViT mode, `ToMe(r=16)`. In every block, between attention and MLP, merge the r m
   per block) or (r, inflection): a linear ramp from r(1 - i) to r(1 + i). It is clamped to half the
   unprotected tokens of each block.
 
+  Without r (`ToMe()`, `--pass tome`), r is chosen when the pass runs, from the graph: the largest
+  constant r that still leaves half the unprotected tokens after the last block,
+  r = (N - prefix) // (2 L) for N tokens into the first of L blocks (at least 1; `default_r`). For
+  ViT-S/B/16 at 224 (197 tokens, 12 blocks) that is r=8, the paper's mild setting (a few tenths of
+  a point of top-1 off the shelf; r=16, about 2x, leaves 5 tokens by the last block). The report
+  says which r was chosen. `r=0` merges nothing (the exact setting).
+
 Diffusion mode, `ToMe(ratio=0.5)` (as tomesd): each output must keep every token, so on each
 spatial self-attention merge int(N * ratio) tokens before the attention and unmerge after it (each
 source takes its destination's value), optionally around the MLP too. The destinations are one
@@ -81,7 +88,13 @@ def _shape(node) -> tuple[int, ...]:
     return ax.shape_of(node) or ()
 
 
-def _mask_problem(site: AttentionSite) -> str | None:
+def _attention_problem(site: AttentionSite) -> str | None:
+    """What in the attention itself keeps its tokens from being merged."""
+    if site.windowed:
+        return "the attention runs over windows of the patch grid: a merge would mix tokens of different windows"
+    if site.position_bias:
+        return ("the attention adds a learned relative-position bias indexed by token position: merged tokens "
+                "have no position in it")
     mask = arg(site.node, "attn_mask")
     if arg(site.node, "is_causal", False):
         return "the attention is causal"
@@ -99,7 +112,8 @@ class ToMe(Pass):
     """Token Merging: `ToMe(r=16)` for ViTs, `ToMe(ratio=0.5)` for diffusion transformers.
 
     r: tokens merged in each block: an int, a list (one per block, missing blocks 0), or
-        (r, inflection) with inflection in [-1, 1]. ViT mode.
+        (r, inflection) with inflection in [-1, 1]. ViT mode. None (the default): `default_r` of the
+        model's token count and depth, chosen when the pass runs.
     prop_attn: proportional attention: log(size) added to the attention logits after a merge.
     trace_source: record which input tokens each output token covers, (B, N_out, N_in), available
         as `opt.tome_source` after a call.
@@ -111,7 +125,7 @@ class ToMe(Pass):
     name: ClassVar[str] = "tome"
     changes_tokens: ClassVar[bool] = True
 
-    r: int | list | tuple = 0
+    r: int | list | tuple | None = None
     prop_attn: bool = True
     trace_source: bool = False
     ratio: float | None = None
@@ -126,7 +140,7 @@ class ToMe(Pass):
                 raise PassSpecError(f"tome: {key} must be True or False, got {getattr(self, key)!r}")
         if self.seed is not None and (not isinstance(self.seed, int) or isinstance(self.seed, bool)):
             raise PassSpecError(f"tome: seed must be an int or None, got {self.seed!r}")
-        if self.ratio is not None and self.r != 0:
+        if self.ratio is not None and self.r not in (0, None):
             raise PassSpecError("tome: give r (ViT mode: merge for good) or ratio (diffusion mode: merge and "
                                 "unmerge), not both")
 
@@ -136,7 +150,7 @@ class ToMe(Pass):
         if self.ratio is not None:
             return self._diffusion_check(analysis, block)
         reason = self._vit_check(analysis, block)
-        if reason is None or self.r != 0:
+        if reason is None or self.r not in (0, None):
             return reason
         return None if self._diffusion_check(analysis, block) is None else reason
 
@@ -144,14 +158,20 @@ class ToMe(Pass):
         sites = _vit_sites(block)
         if not sites:
             return "no self-attention over image tokens"
+        for site in sites:
+            if site.windowed or site.position_bias:  # before the stream checks: Swin's is windowed away
+                return _attention_problem(site)
+        if analysis.poolings:
+            return (f"the token count changes between blocks by pooling ({analysis.poolings[0]}): merged tokens "
+                    f"are no grid to pool")
         if block.stream is None or block.token_dim != 1 or len(_shape(block.stream)) != 3:
             return "no (batch, tokens, channels) residual stream after the attention"
         key = sites[-1].key
         if len(_shape(key)) not in (3, 4) or _shape(key)[-2] != block.tokens:
             return "the attention keys are not (batch, heads, tokens, dim)"
         for site in sites:
-            if _mask_problem(site):
-                return _mask_problem(site)
+            if problem := _attention_problem(site):
+                return problem
         if outputs_carry(analysis, token_labels(analysis.axes.axis_of(block.stream, 1))):
             return "the model outputs every token: merge and unmerge with ToMe(ratio=...) instead"
         return None
@@ -165,8 +185,8 @@ class ToMe(Pass):
             return f"{site.kind} attention (diffusion mode merges spatial self-attention)"
         if patch_grid(site) is None:
             return "the tokens are not exactly the patch grid"
-        if _mask_problem(site):
-            return _mask_problem(site)
+        if problem := _attention_problem(site):
+            return problem
         x = projection_input(site.query)
         if x is None or any(projection_input(n) is not x for n in (site.key, site.value)):
             return "queries, keys and values do not come from one input"
@@ -183,6 +203,11 @@ class ToMe(Pass):
 
     def run(self, ctx: PassContext) -> PassResult:
         result = PassResult()
+        if self.ratio is None and self.r is None and \
+                not any(self._vit_check(ctx.analysis, b) is None for b in ctx.analysis.blocks):
+            reason = next((self._vit_check(ctx.analysis, b) for b in ctx.analysis.blocks), "no blocks")
+            raise PassSpecError(f"tome: give ratio for this model (diffusion mode: merge before each attention, "
+                                f"unmerge after), e.g. tome:ratio=0.5; r (merge for good) does not apply: {reason}")
         if self.ratio is not None:
             self._run_diffusion(ctx, result)
         elif self.r == 0:
@@ -196,7 +221,12 @@ class ToMe(Pass):
         blocks = [b for b in analysis.blocks if self._vit_check(analysis, b) is None]
         labels = token_labels(analysis.axes.axis_of(blocks[0].stream, 1))
         blocks = [b for b in blocks if token_labels(analysis.axes.axis_of(b.stream, 1)) == labels]
-        schedule = parse_r(len(blocks), self.r)
+        r = self.r
+        if r is None:
+            r = default_r(blocks[0].tokens, blocks[0].prefix, len(blocks))
+            result.note(None, f"tome: r={r} (default for {len(blocks)} blocks of {blocks[0].tokens} tokens: leaves "
+                              f"half the unprotected tokens after the last block; tome:r=N to choose)")
+        schedule = parse_r(len(blocks), r)
         if len(schedule) > len(blocks):
             raise PassSpecError(f"tome: r lists {len(schedule)} layers but the model has {len(blocks)} blocks "
                                 f"where ToMe applies")
@@ -329,10 +359,19 @@ class ToMe(Pass):
 
 
 
+def default_r(tokens: int, prefix: int, blocks: int) -> int:
+    """ToMe's r when none is given: the largest constant r that leaves at least half of the `tokens - prefix`
+    unprotected tokens after `blocks` merges, at least 1 (r=8 for 197 tokens, 1 protected, 12 blocks)."""
+    return max(1, (tokens - prefix) // (2 * max(1, blocks)))
+
+
 def _check_r(r):
+    if r is None:
+        return None
+
     def bad():
-        return PassSpecError(f"tome: r must be a non-negative int, a list of them (one per block) or "
-                             f"(r, inflection) with inflection in [-1, 1]; got {r!r}")
+        return PassSpecError(f"tome: r must be a non-negative int, a list of them (one per block), (r, inflection) "
+                             f"with inflection in [-1, 1], or None (chosen from the model's depth); got {r!r}")
 
     def count(v):
         return isinstance(v, int) and not isinstance(v, bool) and v >= 0

@@ -63,10 +63,10 @@ def grid_matching(metric: Tensor, a_pos: Tensor, b_pos: Tensor, r: int) -> tuple
 
 def _rows(x: Tensor, idx: Tensor) -> Tensor:
     """x[b, idx[b, j]] for (B, N, C) x and (B, M) idx: whole rows, copied (on CPU much faster than a
-    gather with an expanded index)."""
+    gather with an expanded index). M given, not -1: a batch of 0 has no elements to infer it from."""
     b, n, c = x.shape
     flat = (idx + torch.arange(b, device=idx.device)[:, None] * n).flatten()
-    return x.reshape(b * n, c).index_select(0, flat).view(b, -1, c)
+    return x.reshape(b * n, c).index_select(0, flat).view(b, idx.shape[1], c)
 
 
 def _add_rows(out: Tensor, idx: Tensor, rows: Tensor) -> Tensor:

@@ -35,6 +35,12 @@ def vit():
     return zoo.build("vit", batch=3)
 
 
+@pytest.fixture(scope="module")
+def vit_r8(vit):
+    """ToMe r=8 on the zoo ViT, shared by the deployment tests (which only read it)."""
+    return optimize(vit, ToMe(r=8))
+
+
 # ---------------------------------------------------------------------------------------------
 # ViT mode: same logits as the reference
 
@@ -85,7 +91,7 @@ def test_without_proportional_attention(vit):
 
 def test_r0_is_the_untouched_model(vit):
     x = vit.example_inputs[0]
-    for pass_ in (ToMe(), ToMe(r=[0, 0]), "tome:r=0"):
+    for pass_ in (ToMe(r=0), ToMe(r=[0, 0]), "tome:r=0"):
         opt = optimize(vit, pass_)
         with torch.no_grad():
             assert torch.equal(opt(x), vit.model(x))
@@ -176,8 +182,8 @@ def test_diffusion_ratio0_is_exact():
 # deployment
 
 
-def test_torch_export_and_no_mean_scatter(vit):
-    opt = optimize(vit, ToMe(r=8))
+def test_torch_export_and_no_mean_scatter(vit, vit_r8):
+    opt = vit_r8
     x = vit.example_inputs[0]
     ep = torch.export.export(opt.graph_module, (x,), strict=False)
     targets = {str(n.target) for n in ep.graph.nodes if n.op == "call_function"}
@@ -197,12 +203,12 @@ def test_diffusion_torch_export():
 
 
 @pytest.mark.slow
-def test_onnx_export_matches(vit, tmp_path):
+def test_onnx_export_matches(vit, vit_r8, tmp_path):
     onnx = pytest.importorskip("onnx")
     pytest.importorskip("onnxruntime")
     from dittofx.exporters.onnx import export_onnx
 
-    opt = optimize(vit, ToMe(r=8))
+    opt = vit_r8
     result = export_onnx(opt, tmp_path / "tome.onnx", example_inputs=vit.example_inputs)  # checked in onnxruntime
     assert result.max_rel_diff < 1e-4
     nodes = onnx.load(str(tmp_path / "tome.onnx")).graph.node
@@ -211,18 +217,18 @@ def test_onnx_export_matches(vit, tmp_path):
     assert reductions == {"add"}
 
 
-def test_compile_fullgraph_no_graph_breaks(vit):
+def test_compile_fullgraph_no_graph_breaks(vit, vit_r8):
     import torch._dynamo
 
-    opt = optimize(vit, ToMe(r=8))
+    opt = vit_r8
     x = vit.example_inputs[0]
     explanation = torch._dynamo.explain(opt.graph_module)(x)
     assert explanation.graph_break_count == 0 and explanation.graph_count == 1
 
 
 @pytest.mark.slow
-def test_compile_fullgraph_runs(vit):
-    opt = optimize(vit, ToMe(r=8))
+def test_compile_fullgraph_runs(vit, vit_r8):
+    opt = vit_r8
     x = vit.example_inputs[0]
     compiled = torch.compile(opt.graph_module, fullgraph=True, backend="aot_eager")
     with torch.no_grad():
@@ -268,12 +274,13 @@ def test_diffusion_mode_compiles_without_graph_breaks_and_exports_to_onnx(name, 
     from dittofx.exporters.onnx import export_onnx
 
     zm = zoo.build(name, batch=2)
-    opt = dittofx.optimize(zm.model, [ToMe(ratio=0.5)], zm.example_inputs, zm.example_kwargs, compile=True)
-    with torch.no_grad():  # optimize(compile=True) wraps the graph in torch.compile(fullgraph=True)
-        got = logits(opt(*zm.example_inputs, **zm.example_kwargs))
-        want = logits(optimize(zm, ToMe(ratio=0.5))(*zm.example_inputs, **zm.example_kwargs))
-    assert_close(got, want)
     eager = optimize(zm, ToMe(ratio=0.5))
+    if name == "latte":  # the three share the merge ops; Latte has cross and temporal blocks besides (inductor: ~15 s)
+        opt = dittofx.optimize(zm.model, [ToMe(ratio=0.5)], zm.example_inputs, zm.example_kwargs, compile=True)
+        with torch.no_grad():  # optimize(compile=True) wraps the graph in torch.compile(fullgraph=True)
+            got = logits(opt(*zm.example_inputs, **zm.example_kwargs))
+            want = logits(eager(*zm.example_inputs, **zm.example_kwargs))
+        assert_close(got, want)
     result = export_onnx(eager, tmp_path / f"{name}.onnx", example_inputs=zm.example_inputs,
                          example_kwargs=zm.example_kwargs)  # checked in onnxruntime, refused beyond 1e-4
     assert result.max_rel_diff < 1e-4
