@@ -28,3 +28,22 @@ def stage(title: str) -> Iterator[None]:
         raise
     seconds = time.perf_counter() - start
     log.info("%s (%.1fs)", title, seconds, extra={"dittofx_stage": "done", "title": title, "seconds": seconds})
+
+
+class SaidOnFirstCall:
+    """A torch.compile'd callable whose first call is shown as a progress stage: it compiles then
+    (minutes). Its attributes are the callable's."""
+
+    def __init__(self, fn, what: str):
+        self.fn, self.what, self.done = fn, what, False
+
+    def __call__(self, *args, **kwargs):
+        if self.done:
+            return self.fn(*args, **kwargs)
+        with stage(self.what):
+            out = self.fn(*args, **kwargs)
+        self.done = True
+        return out
+
+    def __getattr__(self, name: str):
+        return getattr(self.__dict__["fn"], name)

@@ -62,7 +62,6 @@ class _Variant(nn.Module):
         self.key = signature.call_key(cap.example_inputs, cap.example_kwargs, free)
         self.free_batch = free
         self.compiled = compiled
-        self.compiled_yet = False
         self.shared = _shared_tensors(gm, original)
         self.build_runner()
 
@@ -89,11 +88,6 @@ class _Variant(nn.Module):
     def run(self, args, kwargs):
         if isinstance(self.runner, fx.GraphModule) and (torch.compiler.is_exporting() or torch.compiler.is_compiling()):
             return self.gm(*args, **kwargs)  # traced by the caller: the graph itself, its tensors registered
-        if self.compiled and not self.compiled_yet:  # torch.compile compiles on the first call: minutes, said
-            with _log.stage("torch.compile the rewritten graph (first call)"):
-                out = self.runner(*args, **kwargs)
-            self.compiled_yet = True
-            return out
         return self.runner(*args, **kwargs)
 
 

@@ -536,7 +536,7 @@ class PABRunner(nn.Module):
                     prog = program(self.gm, computes)
                     if self.compile:
                         pattern = "".join("1" if c else "0" for c in computes)
-                        prog = _SaidOnFirstCall(torch.compile(prog, **self.compile_options),
+                        prog = _log.SaidOnFirstCall(torch.compile(prog, **self.compile_options),
                                                    f"torch.compile broadcast pattern {pattern} (first use)")
                     else:
                         make_eager(prog)
@@ -586,22 +586,3 @@ def patterns(rules: list[Rule]) -> list[tuple[bool, ...]]:
             decision = {r: base[g] or bool(forced >> g & 1) for g, r in enumerate(groups)}
             seen.add(tuple(decision[r] for r in rules))
     return sorted(seen, key=lambda p: (-sum(p), p))
-
-
-class _SaidOnFirstCall:
-    """A compiled program whose first call is shown as a progress stage: torch.compile compiles then
-    (minutes). Its attributes are the program's."""
-
-    def __init__(self, fn, what: str):
-        self.fn, self.what, self.done = fn, what, False
-
-    def __call__(self, *args):
-        if self.done:
-            return self.fn(*args)
-        with _log.stage(self.what):
-            out = self.fn(*args)
-        self.done = True
-        return out
-
-    def __getattr__(self, name: str):
-        return getattr(self.__dict__["fn"], name)

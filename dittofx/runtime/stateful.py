@@ -12,6 +12,7 @@ from dataclasses import dataclass
 import torch
 from torch import fx, nn
 
+from dittofx._log import SaidOnFirstCall
 from dittofx._torch_compat import is_fake
 
 
@@ -125,7 +126,7 @@ def make_runner(gm: fx.GraphModule, compiled: bool):
         if runner is not None:
             return runner
     if compiled:
-        return torch.compile(gm, fullgraph=True)
+        return SaidOnFirstCall(torch.compile(gm, fullgraph=True), "torch.compile the rewritten graph (first call)")
     from dittofx.runtime.eager import eager_program
 
     return eager_program(gm)
