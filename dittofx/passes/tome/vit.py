@@ -1,0 +1,191 @@
+"""ToMe's ViT mode: merge for good after each attention.
+
+`ToMe(r=16)`. In every block, between attention and MLP, merge the r most similar tokens:
+
+  1. metric: the block's attention keys, averaged over heads, L2-normalised;
+  2. split the tokens alternately into A (even positions) and B (odd positions); protected prefix
+     tokens (class, distillation, register) take part in neither side;
+  3. score every A token against every B token (cosine similarity); keep each A token's best edge;
+  4. the r A tokens with the best edges (sources) merge into their B match (destinations) by a
+     size-weighted average; sizes start at 1 and add up;
+  5. output order: the prefix, the unmerged A tokens (in original order when there is a prefix,
+     else in decreasing score order, as the reference code), then B.
+
+  Later attentions add log(size) to their logits (proportional attention, an additive SDPA mask so
+  the fused kernel stays); heads that average tokens weight them by size. r is an int, a list (one
+  per block) or (r, inflection): a linear ramp from r(1 - i) to r(1 + i). It is clamped to half the
+  unprotected tokens of each block.
+
+  Without r (`ToMe()`, `--pass tome`), r is chosen when the pass runs, from the graph: the largest
+  constant r that still leaves half the unprotected tokens after the last block,
+  r = (N - prefix) // (2 L) for N tokens into the first of L blocks (at least 1; `default_r`). For
+  ViT-S/B/16 at 224 (197 tokens, 12 blocks) that is r=8, the paper's mild setting (a few tenths of
+  a point of top-1 off the shelf; r=16, about 2x, leaves 5 tokens by the last block). The report
+  says which r was chosen. `r=0` merges nothing (the exact setting).
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+import torch
+from torch import fx
+
+from dittofx.errors import PassSpecError
+from dittofx.passes.base import PassContext, PassResult
+from dittofx.passes.tome.attention import attention_problem
+from dittofx.passes.tome.attention import shape as _shape
+from dittofx.passes.tome.ops import (
+    SourceRecorder,
+    bipartite_soft_matching,
+    head_mean,
+    merge_sizes,
+    merge_source,
+    merge_wavg,
+    num_destinations,
+    parse_r,
+)
+from dittofx.rewriter.analysis import (
+    Analysis,
+    AttentionSite,
+    Block,
+    outputs_carry,
+)
+from dittofx.rewriter.edit import Inserter, arg, copy_scope, replace_node, reroute, set_arg
+from dittofx.rewriter.tokens import (
+    add_bias,
+    make_token_sizes_dynamic,
+    proportional_bias,
+    size_weighted_mean,
+    sizes_at,
+    token_labels,
+)
+
+if TYPE_CHECKING:
+    from dittofx.passes.tome import ToMe
+
+aten = torch.ops.aten
+
+
+def vit_sites(block: Block) -> list[AttentionSite]:
+    return [s for s in block.sites if s.is_self and s.kind in ("spatial", "joint")]
+
+
+def vit_check(tome: ToMe, analysis: Analysis, block: Block) -> str | None:
+    sites = vit_sites(block)
+    if not sites:
+        return "no self-attention over image tokens"
+    for site in sites:
+        if site.windowed or site.position_bias:  # before the stream checks: Swin's is windowed away
+            return attention_problem(site)
+    if analysis.poolings:
+        return (f"the token count changes between blocks by pooling ({analysis.poolings[0]}): merged tokens "
+                f"are no grid to pool")
+    if block.stream is None or block.token_dim != 1 or len(_shape(block.stream)) != 3:
+        return "no (batch, tokens, channels) residual stream after the attention"
+    key = sites[-1].key
+    if len(_shape(key)) not in (3, 4) or _shape(key)[-2] != block.tokens:
+        return "the attention keys are not (batch, heads, tokens, dim)"
+    for site in sites:
+        if problem := attention_problem(site):
+            return problem
+    if outputs_carry(analysis, token_labels(analysis.axes.axis_of(block.stream, 1))):
+        return "the model outputs every token: merge and unmerge with ToMe(ratio=...) instead"
+    return None
+
+
+def default_r(tokens: int, prefix: int, blocks: int) -> int:
+    """ToMe's r when none is given: the largest constant r that leaves at least half of the `tokens - prefix`
+    unprotected tokens after `blocks` merges, at least 1 (r=8 for 197 tokens, 1 protected, 12 blocks)."""
+    return max(1, (tokens - prefix) // (2 * max(1, blocks)))
+
+
+def run_vit(tome: ToMe, ctx: PassContext, result: PassResult) -> None:
+    gm, analysis = ctx.gm, ctx.analysis
+    blocks = [b for b in analysis.blocks if vit_check(tome, analysis, b) is None]
+    labels = token_labels(analysis.axes.axis_of(blocks[0].stream, 1))
+    blocks = [b for b in blocks if token_labels(analysis.axes.axis_of(b.stream, 1)) == labels]
+    r = tome.r
+    if r is None:
+        r = default_r(blocks[0].tokens, blocks[0].prefix, len(blocks))
+        result.note(None, f"tome: r={r} (default for {len(blocks)} blocks of {blocks[0].tokens} tokens: leaves "
+                          f"half the unprotected tokens after the last block; tome:r=N to choose)")
+    schedule = parse_r(len(blocks), r)
+    if len(schedule) > len(blocks):
+        raise PassSpecError(f"tome: r lists {len(schedule)} layers but the model has {len(blocks)} blocks "
+                            f"where ToMe applies")
+    make_token_sizes_dynamic(gm, analysis.axes, labels)
+    tokens, size, bias, source, last = blocks[0].tokens, None, None, None, None
+    # token sizes an earlier pass gave (RLT's padded clips: a clip's last token and its copies count
+    # as one), as the proportional bias of the first attention: continue from those sizes
+    given = next((sizes_at(s.node) for s in vit_sites(blocks[0]) if sizes_at(s.node) is not None), None)
+    if given is not None:
+        size = given
+    for block, r in zip(blocks, schedule):
+        sites = vit_sites(block)
+        if bias is not None:
+            for site in sites:
+                mask = arg(site.node, "attn_mask")
+                if isinstance(mask, fx.Node) and (given is None or sizes_at(site.node) is not given):
+                    with gm.graph.inserting_before(site.node):
+                        bias_here = gm.graph.call_function(add_bias, (mask, bias))
+                    copy_scope(site.node, bias_here)
+                else:
+                    bias_here = bias
+                set_arg(site.node, "attn_mask", bias_here)
+        limit = (tokens - block.prefix) // 2
+        if r > limit:
+            result.note(block.name, f"r={r} clamped to {limit} (half the {tokens - block.prefix} "
+                                    f"unprotected tokens)")
+            r = limit
+        if r <= 0:
+            continue
+        add = Inserter(block.stream)
+        metric = add(head_mean, sites[-1].key)
+        keep, src, dst = add.getitems(add(bipartite_soft_matching, metric, r, block.prefix), 3)
+        new_size = add(merge_sizes, block.stream, size, keep, src, dst)
+        num_dst = num_destinations(tokens, block.prefix)
+        if given is not None:  # the token count depends on the data (RLT's clips): read it at run time
+            num_dst = add(num_destinations, add(aten.sym_size.int, block.stream, 1), block.prefix)
+        merged = add(merge_wavg, block.stream, size, new_size, keep, src, dst, num_dst)
+        if tome.trace_source:
+            source = add(merge_source, block.stream, source, keep, src, dst)
+        reroute(block.stream, merged, skip=add.nodes)
+        size, last = new_size, merged
+        if tome.prop_attn:
+            bias = add(proportional_bias, size)
+        protected = f", {block.prefix} protected" if block.prefix else ""
+        result.note(block.name, f"tome: merged {r} tokens after attention ({tokens} -> {tokens - r}{protected})")
+        tokens -= r
+    if last is None:
+        result.note(None, "tome: every block has r=0, nothing merged")
+        return
+    if tome.trace_source:  # keep the final source matrix for `opt.tome_source`
+        recorder = SourceRecorder()
+        Inserter(source).module(gm, "tome_source", recorder, source)
+        result.stats["tome_source"] = recorder
+    result.note(None, f"tome: {blocks[0].tokens} tokens -> {tokens} after {len(blocks)} blocks")
+    result.changed = True
+    _weight_means(gm, analysis, labels, last, size, tokens, blocks[-1].prefix, result)
+
+
+def _weight_means(gm, analysis, labels, last, size, tokens, prefix, result) -> None:
+    """Means over tokens after the last merge count each token by its size (global pooling)."""
+    nodes = list(gm.graph.nodes)
+    for node in nodes[nodes.index(last) + 1:]:
+        if node.target is size_weighted_mean and node.args[1] is not size:  # an earlier pass's (RLT)
+            node.args = (node.args[0], size) + tuple(node.args[2:])
+            continue
+        if node.target is not aten.mean.dim or node not in analysis.axes.tensors:
+            continue
+        x, axes = node.args[0], analysis.axes[node.args[0]]
+        dims = [d % len(axes) for d in node.args[1]] if axes else []
+        if not any(labels & set(axes[d].labels) for d in dims):
+            continue
+        keepdim = bool(arg(node, "keepdim", False))
+        offset = prefix - axes[1].prefix
+        if dims != [1] or len(axes) != 3 or not 0 <= offset <= prefix:
+            result.note(None, f"tome: cannot weight the mean {node.name} by token size")
+            continue
+        replace_node(node, size_weighted_mean, (x, size, offset, keepdim))
+        result.note(None, "tome: the mean over tokens in the head weights tokens by size")
