@@ -41,6 +41,7 @@ from __future__ import annotations
 
 import contextlib
 import contextvars
+import operator
 import os
 from dataclasses import dataclass
 
@@ -321,19 +322,201 @@ def _drop_noop_squeezes(gm) -> None:
 
 
 def _translate(ep, tensors, opset, in_names, out_names):
-    with quiet_export():
+    with quiet_export(), _retrace_only_if_needed():
         try:
             program = torch.onnx.export(
                 ep, tuple(tensors) if tensors is not None else None, dynamo=True, opset_version=opset,
-                input_names=in_names, output_names=out_names, verbose=False, optimize=True,
+                input_names=in_names, output_names=out_names, verbose=False, optimize=False,
             )
+            if program is not None:
+                _tidy(program.model)
+                program.optimize()  # what optimize=True runs: onnxscript's optimizer and fusions
+                _name_folded_constants(program.model.graph)
+                _restore_names(program.model.graph, in_names, out_names)
         except Exception as e:  # noqa: BLE001
             raise ExportError(f"torch.onnx could not translate the model to ONNX opset {opset}: {type(e).__name__}: "
                               f"{first_line(e)}") from None
-    if program is None:
-        raise ExportError("torch.onnx returned no program")
+        if program is None:
+            raise ExportError("torch.onnx returned no program")
     _where_without_bool(program.model.graph)
     return program
+
+
+# -- skipping torch.onnx's retrace -----------------------------------------------------------------
+#
+# torch.onnx retraces every ExportedProgram (`run_decompositions` with the ops ONNX lacks): one more
+# pass of the whole graph through fake tensors and symbolic shapes, as slow as the capture itself
+# (5 s of a ToMe ViT's 13). A graph that only holds ops ONNX implements, none of them mutating, has
+# nothing for it to do, apart from the few composite ops below, which are rewritten here the way
+# their decomposition would (`argsort` is ToMe's, `to` a cast). Any other op keeps the retrace.
+
+_ATEN = torch.ops.aten
+# the exporter drops these right after the retrace (torch.onnx's `remove_assertion_nodes`)
+_ASSERTIONS = frozenset((_ATEN._assert_scalar.default, _ATEN._assert_tensor_metadata.default,
+                         _ATEN._assert_async.default, _ATEN._assert_async.msg,
+                         _ATEN.sym_constrain_range_for_size.default))
+_BITWISE = {_ATEN.__or__.Tensor: _ATEN.bitwise_or.Tensor, _ATEN.__and__.Tensor: _ATEN.bitwise_and.Tensor,
+            _ATEN.__xor__.Tensor: _ATEN.bitwise_xor.Tensor}
+
+
+@contextlib.contextmanager
+def _retrace_only_if_needed():
+    """Inside, torch.onnx.export skips its decomposition retrace where `_needs_no_retrace` says so;
+    else (or where torch moved its internals) it decomposes as always. Only inside quiet_export():
+    the patch is torch's module attribute, and EXPORT_LOCK keeps dittofx's exports one at a time."""
+    try:
+        from torch.onnx._internal.exporter import _decomp, _fx_passes
+        full = _fx_passes.decompose_with_registry
+    except (ImportError, AttributeError):
+        yield
+        return
+
+    def decompose(exported_program, registry):
+        implemented = set(_decomp.get_onnx_implemented_overloads(registry))
+        if _needs_no_retrace(exported_program, implemented):
+            return exported_program
+        return full(exported_program, registry)
+
+    _fx_passes.decompose_with_registry = decompose
+    try:
+        yield
+    finally:
+        _fx_passes.decompose_with_registry = full
+
+
+def _needs_no_retrace(ep, implemented) -> bool:
+    """True when every node of `ep` is an ONNX-implemented, functional op (after rewriting the
+    composites that `_rewrite_composite` knows in place); False, with `ep` untouched, otherwise."""
+    from torch.export.graph_signature import InputKind, OutputKind
+
+    sig = ep.graph_signature
+    if any(s.kind != OutputKind.USER_OUTPUT for s in sig.output_specs) or \
+            any(s.kind == InputKind.TOKEN for s in sig.input_specs):
+        return False  # mutated buffers or inputs, effect tokens: functionalization has work
+    gm = ep.graph_module
+    if any(m is not gm for m in gm.modules()):
+        return False  # control flow or other higher-order ops with subgraphs
+    nodes = [n for n in gm.graph.nodes if n.op == "call_function"]
+    for node in nodes:
+        schema = getattr(node.target, "_schema", None)
+        if schema is not None and schema.is_mutable:
+            return False
+        if node.target not in implemented and node.target not in _ASSERTIONS and \
+                _rewrite_composite(gm.graph, node, dry_run=True) is None:
+            return False
+    changed = False
+    for node in nodes:
+        if node.target not in implemented and node.target not in _ASSERTIONS:
+            _rewrite_composite(gm.graph, node)
+            changed = True
+    if changed:
+        gm.recompile()
+    return True
+
+
+def _rewrite_composite(graph, node, dry_run=False):
+    """Replace a composite op by what it decomposes into; returns the replacement ("" in a dry run)
+    or None for an op not handled here."""
+    args, kwargs = node.args, node.kwargs
+    x = args[0] if args else None
+    x_val = x.meta.get("val") if isinstance(x, torch.fx.Node) else None
+    if not isinstance(x_val, torch.Tensor):
+        return None
+    if node.target is _ATEN.argsort.default:  # sort(x, dim, descending)[1]
+        dim = args[1] if len(args) > 1 else kwargs.get("dim", -1)
+        descending = args[2] if len(args) > 2 else kwargs.get("descending", False)
+        if dry_run:
+            return ""
+        with graph.inserting_before(node):
+            sort = graph.call_function(_ATEN.sort.default, (x, dim, descending))
+            sort.meta = {**node.meta, "val": (x_val, node.meta["val"])}
+            out = graph.call_function(operator.getitem, (sort, 1))
+    elif node.target in (_ATEN.to.dtype, _ATEN.to.dtype_layout):  # a cast: _to_copy, or x itself
+        if node.target is _ATEN.to.dtype:
+            dtype = args[1] if len(args) > 1 else kwargs.get("dtype")
+            copy = args[3] if len(args) > 3 else kwargs.get("copy", False)
+            memory_format = args[4] if len(args) > 4 else kwargs.get("memory_format")
+            extra = {}
+        else:
+            if len(args) > 1:
+                return None
+            dtype, copy, memory_format = kwargs.get("dtype"), kwargs.get("copy", False), kwargs.get("memory_format")
+            extra = {k: kwargs[k] for k in ("layout", "device") if kwargs.get(k) is not None}
+        if memory_format not in (None, torch.preserve_format) or not isinstance(dtype, torch.dtype) or \
+                extra.get("layout", torch.strided) != x_val.layout or \
+                torch.device(extra.get("device", x_val.device)) != x_val.device:
+            return None
+        if dry_run:
+            return ""
+        if dtype == x_val.dtype and not copy:
+            out = x
+        else:
+            with graph.inserting_before(node):
+                out = graph.call_function(_ATEN._to_copy.default, (x,), {"dtype": dtype, **extra})
+    elif node.target in _BITWISE and len(args) == 2 and not kwargs:
+        if dry_run:
+            return ""
+        with graph.inserting_before(node):
+            out = graph.call_function(_BITWISE[node.target], args)
+    else:
+        return None
+    if out is not x:
+        out.meta = dict(node.meta)
+    node.replace_all_uses_with(out)
+    graph.erase_node(node)
+    return out
+
+
+def _tidy(model) -> None:
+    """Fold constants and drop dead and repeated nodes before onnxscript's optimizer: its rewriter
+    tries each of its ~50 rules on each node, and a fresh translation is mostly constants, dead
+    shape arithmetic and copies (a ToMe ViT: 2228 nodes, 521 after this), so this halves its time.
+    The same passes run inside the optimizer; running them first gives the same graph."""
+    try:
+        import onnx_ir.passes.common as common
+        from onnxscript.optimizer import fold_constants_ir
+    except ImportError:
+        return
+    fold_constants_ir(model, onnx_shape_inference=True)
+    for tidy in (common.RemoveUnusedNodesPass(),
+                 common.LiftConstantsToInitializersPass(lift_all_constants=True, size_limit=0),
+                 common.DeduplicateInitializersPass(), common.CommonSubexpressionEliminationPass()):
+        tidy(model)
+
+
+def _restore_names(graph, in_names, out_names) -> None:
+    """The input and output names again, after the optimizer: torch names them before it, and where
+    an output is an input (a model returning its input), the optimizer's Identity takes the output's
+    name and renames the input `<output>_orig`."""
+    for values, names in ((graph.inputs, in_names), (graph.outputs, out_names)):
+        for value, name in zip(values, names or ()):
+            value.name = name
+
+
+def _name_folded_constants(graph) -> None:
+    """Name the initializers that constant folding made (`val_<counter>`) after their content: the
+    counter shifts with any change upstream, and the PAB export stores a weight once per distinct
+    name and content across its pattern files, so equal constants must get equal names."""
+    import hashlib
+    import re
+
+    taken = set(graph.initializers)
+    for name, value in list(graph.initializers.items()):
+        tensor = value.const_value
+        if not re.fullmatch(r"val_\d+", name) or tensor is None or value.is_graph_input() or \
+                value.is_graph_output():
+            continue
+        digest = hashlib.sha1(f"{tensor.dtype}{tuple(tensor.shape)}".encode())
+        digest.update(tensor.tobytes())
+        base = f"const_{digest.hexdigest()[:16]}"
+        new, copy = base, 0
+        while new in taken:  # equal tensors that deduplication left apart
+            copy += 1
+            new = f"{base}_{copy}"
+        graph.initializers.pop(name)
+        value.name = new
+        graph.initializers[new] = value
+        taken.add(new)
 
 
 def _where_without_bool(graph) -> None:
