@@ -240,8 +240,8 @@ def video_clips():
     return torch.cat([still, corner, torch.randn(1, 3, FRAMES, SIZE, SIZE, generator=g)])
 
 
-@pytest.mark.parametrize("form", ["conv3d_valid", "convolution3d"])
-def test_rlt_on_other_convolution_forms_matches_the_standard_form(form):
+@pytest.mark.parametrize("form", ["conv3d_valid", "convolution3d", "unfold3d", "reshape3d"])
+def test_rlt_on_other_forms_matches_the_standard_form(form):
     model, standard, _ = pair(form, cls_token=False)
     x = video_clips()
     opt, expected = (dittofx.optimize(m, ["rlt:tau=0.1"], (x,)) for m in (model, standard))
@@ -268,24 +268,40 @@ def test_tubelets_of_every_form(form):
     assert keep_mask(video, found.tubelet, 0.1).flatten(1).sum(1).tolist() == [16, 17, 32]
 
 
+class FramesFirst(nn.Module):
+    """A Linear over tubelets of a (B, T, C, H, W) video, as transformers' VideoMAE takes it, cut by a
+    reshape (the frames are dim 1); features in the conv's (channels, frames, rows, columns) order."""
+
+    def __init__(self, conv):
+        super().__init__()
+        self.linear = nn.Linear(conv.weight[0].numel(), D)
+        with torch.no_grad():
+            self.linear.weight.copy_(conv.weight.flatten(1))
+            self.linear.bias.copy_(conv.bias)
+
+    def forward(self, x):
+        b, t, c, h, w = x.shape
+        x = x.reshape(b, t // TS, TS, c, h // P, P, w // P, P).permute(0, 1, 4, 6, 3, 2, 5, 7)
+        return self.linear(x.reshape(b, -1, c * TS * P * P))
+
+
 def test_tubelets_of_a_video_given_frames_first():
-    """(B, T, C, H, W), as transformers' VideoMAE takes it, cut by a reshape: the frames are dim 1."""
-
-    class FramesFirst(nn.Module):
-        def __init__(self, linear):
-            super().__init__()
-            self.linear = linear
-
-        def forward(self, x):
-            b, t, c, h, w = x.shape
-            x = x.reshape(b, t // TS, TS, c, h // P, P, w // P, P).permute(0, 1, 4, 6, 3, 2, 5, 7)
-            return self.linear(x.reshape(b, -1, c * TS * P * P))
-
-    torch.manual_seed(0)
-    model = ViT(FramesFirst(nn.Linear(3 * TS * P * P, D)), FRAMES // TS * (SIZE // P) ** 2, cls_token=False).eval()
+    model, _, _ = pair("conv3d", cls_token=False)
+    model.embed = FramesFirst(model.embed.conv)
     cap, analysis = analysed(model, video_clips().transpose(1, 2))
     (found,) = tubelets(analysis)
     assert found.dims == (2, 1, 3, 4) and found.tubelet == (TS, P, P) and found.video.op == "placeholder"
+
+
+def test_rlt_on_a_video_given_frames_first_matches_the_standard_form():
+    model, standard, _ = pair("conv3d", cls_token=False)
+    model.embed = FramesFirst(model.embed.conv)
+    x = video_clips()
+    opt = dittofx.optimize(model, ["rlt:tau=0.1"], (x.transpose(1, 2),))
+    expected = dittofx.optimize(standard, ["rlt:tau=0.1"], (x,))
+    with torch.no_grad():
+        torch.testing.assert_close(opt(x.transpose(1, 2)), expected(x), rtol=1e-5, atol=1e-5)
+    assert opt.report.stats["rlt"].kept == expected.report.stats["rlt"].kept == [16, 17, 32]
 
 
 def test_conv3d_same_padding_is_refused_as_overlapping_tubelets_with_its_padding():

@@ -7,8 +7,10 @@
 What the pass inserts, right where the patch tokens (with their positional embeddings) enter the
 first transformer block:
 
-1. The tokenizer. The video is cut into tubelets by the model's Conv3d patch embedding (kernel =
-   stride = (ts, ph, pw)); its input is the normalised video the model sees, (B, C, T, H, W). For
+1. The tokenizer. The video is cut into tubelets by the model's patch embedding: a Conv3d (kernel =
+   stride = (ts, ph, pw), in any ATen form) or a Linear over tubelets cut by reshapes or unfolds
+   (`analysis.tubelets`); its input is the normalised video the model sees, read as (B, C, T, H, W)
+   whatever its own order (transformers' VideoMAE takes (B, T, C, H, W)). For
    each tubelet t >= 1 and spatial position, the last frame of tubelet t is compared with the first
    frame of tubelet t-1 (`compare="previous"`: DESIGN.md's wording and the reference code,
    `x[:, :, 2ts-1::ts] - x[:, :, :-ts:ts]`), or with the first frame of the tubelet that started
@@ -81,10 +83,10 @@ from dittofx.rewriter.analysis import (
     SDPA,
     Analysis,
     Block,
+    Tubelets,
     module_path,
     stream_in,
-    tubelet_embeddings,
-    tubelet_geometry,
+    tubelets,
 )
 from dittofx.rewriter.edit import Inserter, arg, copy_scope, replace_node, set_arg, values_at
 from dittofx.rewriter.tokens import (
@@ -153,11 +155,11 @@ class RLT(Pass):
     # -- applicability ------------------------------------------------------------------------
 
     def check(self, analysis: Analysis, block: Block) -> str | None:
-        convs = tubelet_embeddings(analysis)
-        if not convs:
+        found = tubelets(analysis)
+        if not found:
             return ("no tubelet embedding: RLT needs video tokens made by a Conv3d patch embedding (kernel = stride "
-                    "= (frames, height, width) of a tubelet), as in VideoMAE or ViViT")
-        grid = {lab for c in convs for lab in analysis.axes.axis_of(c, 2).labels if lab.kind == "grid_t"}
+                    "= (frames, height, width) of a tubelet), or a Linear over tubelets, as in VideoMAE or ViViT")
+        grid = {t.grid[0] for t in found if t.grid[0] is not None}
         if block.token_dim is None:
             return "no token axis found in the residual stream"
         for site in block.sites:
@@ -173,11 +175,10 @@ class RLT(Pass):
     def run(self, ctx: PassContext) -> PassResult:
         result = PassResult()
         gm, analysis = ctx.gm, ctx.analysis
-        conv = tubelet_embeddings(analysis)[0]
-        if conv.target is rlt_patch_embed:
+        if any(n.target is rlt_keep for n in gm.graph.nodes):
             raise UnsupportedModelError("RLT already tokenizes this model: give the rlt pass once")
-        video = conv.args[0]
-        tubelet = tubelet_geometry(conv)
+        embed = tubelets(analysis)[0]
+        conv, video, tubelet = embed.node, embed.video, embed.tubelet
         blocks = [b for b in analysis.blocks if self.check(analysis, b) is None]
         if self.tau < 0:
             result.note(None, "rlt: tau < 0 keeps every token; graph left unchanged")
@@ -187,15 +188,14 @@ class RLT(Pass):
         stream = self._stream_in(analysis, blocks[0])
         tok_axis = amap.axis_of(stream, 1)
         grid_labels = _grid_labels(tok_axis)
-        conv_grid = [amap.axis_of(conv, 2 + i) for i in range(3)]
-        order = self._order(grid_labels, conv_grid, type(ctx.model).__name__)
+        order = self._order(grid_labels, embed.grid, type(ctx.model).__name__)
         batch_labels = [lab for lab in amap.axis_of(stream, 0).labels if lab.kind == "batch"]
         if not batch_labels:
             raise UnsupportedModelError("RLT needs a batch axis first in the token stream "
                                         f"({stream.name} has axes {amap[stream]})")
         prefix = tok_axis.prefix
         shape = ax.shape_of(stream)
-        grid = tuple(ax.shape_of(conv)[2:])
+        grid = tuple(lab.size if lab is not None else 1 for lab in embed.grid)
         dim = shape[2]
 
         layout = self._layout(ctx)
@@ -208,7 +208,7 @@ class RLT(Pass):
             labels |= set(batch_labels)
         make_token_sizes_dynamic(gm, amap, labels, after=stream)
 
-        hint, hint_slots = self._example_count(ctx, video, tubelet, prefix)
+        hint, hint_slots = self._example_count(ctx, embed, prefix)
         hint_grid = hint - prefix * shape[0]
         state = RLTState(tubelet, grid, order, prefix, dim, self.tau, self.compare, self.length_embedding, hint,
                          hint_slots, hint_grid)
@@ -220,9 +220,12 @@ class RLT(Pass):
         graph = gm.graph
         with graph.inserting_before(conv):
             state_node = graph.get_attr(name)
-            keep = graph.call_function(rlt_keep, (state_node, video))
+            clip = video if embed.dims == (1, 2, 3, 4) else graph.call_function(aten.permute.default,
+                                                                                (video, [0, *embed.dims]))
+            keep = graph.call_function(rlt_keep, (state_node, clip))
         copy_scope(conv, keep)
-        replace_node(conv, rlt_patch_embed, (state_node, video, conv.args[1], arg(conv, "bias"), keep))
+        if embed.form == "convolution":  # embed the kept tubelets only; a Linear's tokens are dropped after it
+            replace_node(conv, rlt_patch_embed, (state_node, video, conv.args[1], arg(conv, "bias"), keep))
         add = Inserter(stream)
         if layout == "packed":
             outs = Packed(*add.getitems(add(rlt_tokenize, state_node, keep, stream), len(Packed._fields)))
@@ -312,9 +315,9 @@ class RLT(Pass):
         return stream
 
     @staticmethod
-    def _order(grid_labels, conv_grid, model: str) -> tuple[int, int, int]:
-        """Token order as a permutation of the conv's (t, h, w) axes, major first."""
-        conv_labels = [a.labels[0] if a.labels else None for a in conv_grid]
+    def _order(grid_labels, conv_labels, model: str) -> tuple[int, int, int]:
+        """Token order as a permutation of the embedding's (t, h, w) grid, major first."""
+        conv_labels = list(conv_labels)
         try:
             order = tuple(conv_labels.index(lab) for lab in grid_labels)
         except ValueError:
@@ -335,11 +338,11 @@ class RLT(Pass):
                 if grid & set(amap.axis_of(n.args[0], d).labels):
                     raise UnsupportedModelError(f"RLT cannot pack clips: {n.name} slices the token axis")
 
-    def _example_count(self, ctx: PassContext, video: fx.Node, tubelet, prefix: int) -> int:
+    def _example_count(self, ctx: PassContext, embed: Tubelets, prefix: int) -> int:
         """Tokens kept (with prefix tokens) on the capture's example: the sequence length the graph's
         metadata shows."""
-        v = values_at(ctx.gm, [video], ctx.capture.flat_inputs())[video]
-        counts = keep_mask(v, tubelet, self.tau, self.compare).reshape(v.shape[0], -1).sum(1) + prefix
+        v = values_at(ctx.gm, [embed.video], ctx.capture.flat_inputs())[embed.video].permute(0, *embed.dims)
+        counts = keep_mask(v, embed.tubelet, self.tau, self.compare).reshape(v.shape[0], -1).sum(1) + prefix
         return int(counts.sum()), int(counts.max())
 
     @staticmethod
