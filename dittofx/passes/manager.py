@@ -163,8 +163,11 @@ def describe(model, cap: Capture, analysis: Analysis, previous: Report | None = 
 
 
 def _patch_name(analysis: Analysis) -> str | None:
-    if not analysis.patch_embeddings:
+    """The patch embedding: a convolution, or a Linear over patches cut by reshapes or unfolds."""
+    linears = [n for n, how in analysis.axes.token_embeddings.items() if how == "patches"]
+    node = next(iter(analysis.patch_embeddings or linears), None)
+    if node is None:
         return None
-    conv = analysis.patch_embeddings[0]
-    paths = module_path(conv)
-    return f"{paths[-1] if paths else conv.name} ({conv.target.__name__.split('.')[0]})"
+    paths = module_path(node)
+    kind = node.target.__name__.split(".")[0] if node in analysis.patch_embeddings else "linear over patches"
+    return f"{paths[-1] if paths else node.name} ({kind})"

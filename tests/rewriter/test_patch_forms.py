@@ -312,3 +312,10 @@ def test_conv3d_same_padding_is_refused_as_overlapping_tubelets_with_its_padding
     assert str(found.node.target) == "aten.conv3d.padding"
     with pytest.raises(UnsupportedModelError, match=r"stride \(1, 1, 1\), padding \(1, 3, 3\)"):
         assert found.tubelet is None  # raises first
+
+
+@pytest.mark.parametrize("form,named", [("conv2d", "embed.conv (conv2d)"), ("im2col", "embed.linear (linear over "
+                                                                                      "patches)")])
+def test_report_names_the_patch_embedding_of_any_form(form, named):
+    model, _, x = pair(form)
+    assert dittofx.optimize(model, [], (x,)).report.patch_embedding == named
