@@ -231,7 +231,8 @@ def _export_eval(module, path, args, kwargs, *, opset, dynamic_batch, optimize, 
         max_rel = None
         if check:
             with _stage("check in onnxruntime"):
-                max_rel = check_in_onnxruntime(tmp_path, in_names, out_names, checks, rtol, atol)
+                max_rel = check_in_onnxruntime(tmp_path, in_names, out_names, checks, rtol, atol,
+                                               rerun=_rerun(module, flat) if _chooses(ep) else None)
             log.info("  onnxruntime vs PyTorch on %s: max relative difference %.2e (every element within atol %g + "
                      "rtol %g x |torch|)", " and ".join(what for what, _, _ in checks), max_rel, atol, rtol)
 
@@ -260,19 +261,48 @@ def _export_eval(module, path, args, kwargs, *, opset, dynamic_batch, optimize, 
     )
 
 
+# ops that choose by comparing values (ToMe's matching: max, sort; RLT's kept tubelets: nonzero): the
+# check in onnxruntime allows for near ties (verify.check_in_onnxruntime's `rerun`)
+_CHOOSING = frozenset(getattr(torch.ops.aten, name).default for name in (
+    "sort", "argsort", "topk", "argmax", "argmin", "nonzero")) | {torch.ops.aten.max.dim, torch.ops.aten.min.dim}
+
+
+def _chooses(ep) -> bool:
+    return any(n.op == "call_function" and n.target in _CHOOSING for n in ep.graph.nodes)
+
+
+@contextlib.contextmanager
+def _report_kept(module):
+    """The RLT states of `module` as the user's last forward left them (the report shows those), whatever
+    the checks run inside; yields them."""
+    from dittofx.passes.rlt.ops import RLTState
+
+    states = [m for m in module.modules() if isinstance(m, RLTState)]
+    saved = [s.kept_counts for s in states]
+    try:
+        yield states
+    finally:
+        for s, kept in zip(states, saved):
+            s.kept_counts = kept
+
+
+def _rerun(module, flat):
+    """PyTorch's outputs for other inputs (the near-tie check's perturbations), the report untouched."""
+    def rerun(inputs):
+        with _report_kept(module):
+            return list(flat(*inputs))
+    return rerun
+
+
 def _static_clip_checks(module, flat, tensors) -> list[tuple[str, list, list]]:
     """RLT drops the tubelets that repeat the previous one, which random example clips never do, so the
     example alone leaves the dropping untested: with RLT in the module, a second check input is the
     example with every other clip (the first included) frozen in time, its first frame repeated (clips
     of different lengths: the padded path too). [] without RLT or where freezing drops nothing."""
-    from dittofx.passes.rlt.ops import RLTState
-
-    states = [m for m in module.modules() if isinstance(m, RLTState)]
-    if not states:
-        return []
-    frames = {s.grid[0] * s.tubelet[0] for s in states}
-    saved = [s.kept_counts for s in states]  # the report shows the user's last forward, not ours
-    try:
+    with _report_kept(module) as states:
+        if not states:
+            return []
+        frames = {s.grid[0] * s.tubelet[0] for s in states}
         for i, t in enumerate(tensors):
             if t.dim() < 5 or not t.is_floating_point():
                 continue
@@ -290,9 +320,6 @@ def _static_clip_checks(module, flat, tensors) -> list[tuple[str, list, list]]:
                 if any(s.kept is not None and sum(s.kept) < len(s.kept) * s.total for s in states):
                     return [("the example with static clips", inputs, reference)]
         return []
-    finally:
-        for s, kept in zip(states, saved):
-            s.kept_counts = kept
 
 
 # -- torch.export and translation ------------------------------------------------------------------

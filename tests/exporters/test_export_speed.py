@@ -10,18 +10,10 @@ import pytest
 import torch
 from torch import nn
 
-from dittofx.cli import progress
 from dittofx.exporters.onnx import export_onnx
 from dittofx.runtime.onnxruntime import import_onnxruntime
 
 _fx_passes = pytest.importorskip("torch.onnx._internal.exporter._fx_passes")
-
-
-@pytest.fixture(autouse=True)
-def _quiet():
-    progress.set_quiet(True)
-    yield
-    progress.set_quiet(False)
 
 
 @pytest.fixture

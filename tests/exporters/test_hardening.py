@@ -23,7 +23,7 @@ import torch
 from torch import nn
 
 import dittofx
-from dittofx.cli import main, progress
+from dittofx.cli import main
 from dittofx.errors import ExportError
 from dittofx.exporters import onnx as onnx_exporter
 from dittofx.exporters.onnx import export_onnx
@@ -35,13 +35,6 @@ from dittofx.runtime.onnxruntime import OnnxPABRunner
 
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 BAD_TOLERANCES = ["x", -1.0, float("nan"), float("inf"), True, None]
-
-
-@pytest.fixture(autouse=True)
-def _quiet():
-    progress.set_quiet(True)
-    yield
-    progress.set_quiet(False)
 
 
 def _umask() -> int:
@@ -188,10 +181,11 @@ def test_rlt_export_is_checked_where_tubelets_are_dropped(tmp_path, monkeypatch)
     check = onnx_exporter.check_in_onnxruntime
     seen = []
 
-    def broken_check(path, in_names, out_names, checks, rtol, atol):
+    def broken_check(path, in_names, out_names, checks, rtol, atol, rerun=None):
         seen.extend(what for what, _, _ in checks)
         _keep_every_tubelet(path)
-        return check(path, in_names, out_names, checks, rtol, atol)
+        assert rerun is not None  # RLT chooses: static clips perturbed keep failing, the refusal stands
+        return check(path, in_names, out_names, checks, rtol, atol, rerun)
 
     monkeypatch.setattr(onnx_exporter, "check_in_onnxruntime", broken_check)
     with pytest.raises(ExportError, match=r"differs from PyTorch on output 'logits' on the example with static "

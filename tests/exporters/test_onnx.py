@@ -13,7 +13,6 @@ import pytest
 import torch
 from torch import nn
 
-from dittofx.cli import progress
 from dittofx.errors import ExportError
 from dittofx.exporters import onnx as onnx_exporter
 from dittofx.exporters.onnx import export_onnx
@@ -21,13 +20,6 @@ from dittofx.exporters.verify import compare
 from dittofx.runtime import OnnxRuntimeRunner
 
 timm = pytest.importorskip("timm")
-
-
-@pytest.fixture(autouse=True)
-def _quiet():
-    progress.set_quiet(True)
-    yield
-    progress.set_quiet(False)
 
 
 def _rel(a, b) -> float:

@@ -33,13 +33,6 @@ from dittofx.exporters.tensorrt import (
 from dittofx.runtime import TENSORRT_MISSING, OnnxRuntimeRunner
 
 
-@pytest.fixture(autouse=True)
-def _quiet():
-    progress.set_quiet(True)
-    yield
-    progress.set_quiet(False)
-
-
 def _real_tensorrt_reason() -> str | None:
     try:
         import tensorrt  # noqa: F401
