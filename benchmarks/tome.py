@@ -16,6 +16,17 @@ reference, of dittofx's logits with the reference's. One table is printed and a 
 Weights are random unless `--weights FILE` gives a timm checkpoint (safetensors or state dict); with
 random weights the agreement figures show the rewrite works, not what accuracy a trained model keeps.
 Targets (issue 3): r=16 at least 1.95x in eager and onnxruntime; eager within 3 % of the reference.
+
+    python benchmarks/tome.py --unet                           # SD1.5's UNet @64x64 latents vs tomesd
+    python benchmarks/tome.py --unet --arch sd15-small         # SD1.5's layout at a fifth of its width (README)
+    python benchmarks/tome.py --unet --quick                   # a small UNet: a smoke run
+
+`--unet` (issue 13): ToMe's diffusion mode on a UNet2DConditionModel with SD1.5's configuration (random
+weights), batch 2 (guidance), against tomesd 0.1.3 at its defaults (max_downsample=1, use_rand=True)
+and at max_downsample=8, ratio 0.5: untouched, tomesd and dittofx eager interleaved in one run (and
+dittofx's output against tomesd's with the same generator seed), then torch.compile and onnxruntime,
+where tomesd cannot go. ONNX cannot hold use_rand's generator: those rows export use_rand=False.
+Target: dittofx eager at least as fast as tomesd at both settings.
 """
 
 from __future__ import annotations
@@ -40,13 +51,33 @@ from dittofx.passes.tome import ToMe
 
 FULL = {"arch": "vit_base_patch16_224", "img": 224, "batch": 16, "rs": [8, 13, 16], "rounds": 5, "warmup": 1}
 QUICK = {"arch": "vit_tiny_patch16_224", "img": 224, "batch": 4, "rs": [8, 16], "rounds": 2, "warmup": 1}
+UNET_FULL = {"arch": "sd15", "latent": 64, "batch": 2, "rounds": 5, "warmup": 1}
+UNET_QUICK = {"arch": "tiny", "latent": 32, "batch": 2, "rounds": 2, "warmup": 1}
+# tomesd's keyword arguments per row; dittofx's ToMe takes the same ones
+UNET_SETTINGS = {"defaults": {"ratio": 0.5}, "max_downsample=8": {"ratio": 0.5, "max_downsample": 8}}
+UNET_CONFIGS = {
+    "sd15": {"block_out_channels": (320, 640, 1280, 1280), "layers_per_block": 2, "cross_attention_dim": 768,
+             "attention_head_dim": 8, "norm_num_groups": 32, "text_tokens": 77,
+             "down_block_types": ("CrossAttnDownBlock2D",) * 3 + ("DownBlock2D",),
+             "up_block_types": ("UpBlock2D",) + ("CrossAttnUpBlock2D",) * 3},
+    # SD1.5's layout (4 levels, 3 with cross-attention, 2 layers each, 8 heads, 77 text tokens of 768) at a
+    # fifth of its width: the 64x64 latent's 4096-token attention, which tomesd's defaults merge, dominates
+    # as in SD1.5, and a round of the 9 callables fits a 2-core CPU
+    "sd15-small": {"block_out_channels": (64, 128, 256, 256), "layers_per_block": 2, "cross_attention_dim": 768,
+                   "attention_head_dim": 8, "norm_num_groups": 32, "text_tokens": 77,
+                   "down_block_types": ("CrossAttnDownBlock2D",) * 3 + ("DownBlock2D",),
+                   "up_block_types": ("UpBlock2D",) + ("CrossAttnUpBlock2D",) * 3},
+    "tiny": {"block_out_channels": (32, 64), "layers_per_block": 1, "cross_attention_dim": 32,
+             "attention_head_dim": 8, "norm_num_groups": 8, "text_tokens": 7,
+             "down_block_types": ("CrossAttnDownBlock2D",) * 2, "up_block_types": ("CrossAttnUpBlock2D",) * 2},
+}
 
 
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--quick", action="store_true", help="small model, batch 4, 2 rounds: a smoke run")
     p.add_argument("--reference", metavar="DIR", help="checkout of facebookresearch/ToMe (holds tome/)")
-    p.add_argument("--arch", help="timm architecture (default vit_base_patch16_224)")
+    p.add_argument("--arch", help="timm architecture (default vit_base_patch16_224); --unet: sd15, sd15-small or tiny")
     p.add_argument("--weights", metavar="FILE", help="timm checkpoint to load (default: random weights)")
     p.add_argument("--batch", type=int)
     p.add_argument("--rs", type=int, nargs="+", help="values of r (default 8 13 16)")
@@ -58,9 +89,16 @@ def parse_args(argv=None):
                         "(use with --threads 1)")
     p.add_argument("--backends", default="eager,compile,onnxruntime",
                    help="comma-separated subset of eager,compile,onnxruntime")
-    p.add_argument("--json", default=os.path.join(os.path.dirname(os.path.abspath(__file__)), "results", "tome.json"))
+    p.add_argument("--unet", action="store_true", help="SD1.5-style UNet against tomesd (diffusion mode)")
+    p.add_argument("--latent", type=int, help="--unet: latent size (default 64)")
+    p.add_argument("--json")
     args = p.parse_args(argv)
-    base = QUICK if args.quick else FULL
+    if args.json is None:
+        name = "tome_unet.json" if args.unet else "tome.json"
+        args.json = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results", name)
+    if args.unet and args.arch is not None and args.arch not in UNET_CONFIGS:
+        p.error(f"--unet --arch {args.arch}: accepted {', '.join(UNET_CONFIGS)}")
+    base = (UNET_QUICK if args.quick else UNET_FULL) if args.unet else QUICK if args.quick else FULL
     for key, value in base.items():
         if getattr(args, key, None) is None:
             setattr(args, key, value)
@@ -104,6 +142,8 @@ def log(text: str) -> None:
 
 def main(argv=None) -> dict:
     args = parse_args(argv)
+    if args.unet:
+        return main_unet(args)
     warnings.filterwarnings("ignore")
     torch.set_num_threads(args.threads)
     model = build_model(args)
@@ -243,6 +283,134 @@ def targets(rows: list[dict]) -> list[str]:
             lines.append(f"target eager within 3% of the reference's speed-up: dittofx {row['speedup']:.2f}x vs "
                          f"reference {row['ref_speedup']:.2f}x ({row['vs_ref']:.3f}) {'met' if ok else 'NOT met'}")
     return lines
+
+
+def build_unet(args):
+    from diffusers import UNet2DConditionModel
+
+    config = dict(UNET_CONFIGS[args.arch])
+    text_tokens = config.pop("text_tokens")
+    torch.manual_seed(0)
+    unet = UNet2DConditionModel(sample_size=args.latent, in_channels=4, out_channels=4, **config).eval()
+    gen = torch.Generator().manual_seed(1)
+    inputs = (torch.randn(args.batch, 4, args.latent, args.latent, generator=gen),
+              torch.randint(100, 800, (args.batch,), generator=gen))
+    return unet, inputs, {"encoder_hidden_states": torch.randn(args.batch, text_tokens, config["cross_attention_dim"],
+                                                                generator=gen)}
+
+
+def main_unet(args) -> dict:
+    """ToMe's diffusion mode against tomesd on an SD1.5-style UNet (see the module docstring)."""
+    import tomesd
+
+    warnings.filterwarnings("ignore")
+    torch.set_num_threads(args.threads)
+    unet, inputs, kwargs = build_unet(args)
+    log(f"UNet {args.arch} @{args.latent}x{args.latent} latents, batch {args.batch}, {args.threads} threads, "
+        f"{args.rounds} rounds; backends {', '.join(args.backends)}")
+
+    def sample(out):
+        return out.sample if hasattr(out, "sample") else out[0]
+
+    def run(fn):
+        with torch.inference_mode():
+            return sample(fn(*inputs, **kwargs))
+
+    def rel(a, b):
+        return ((a - b).abs().max() / b.abs().max()).item()
+
+    base_out = run(unet)
+    refs, opts, facts, rows = {}, {}, {}, []
+    for name, options in UNET_SETTINGS.items():
+        refs[name] = tomesd.apply_patch(copy.deepcopy(unet), **options)
+        refs[name]._tome_info["args"]["generator"] = torch.Generator().manual_seed(0)
+        t = time.perf_counter()
+        opts[name] = dittofx.optimize(unet, [ToMe(seed=0, **options)], inputs, kwargs)
+        log(f"{name}: rewritten in {time.perf_counter() - t:.1f}s")
+        got, want = run(opts[name]), run(refs[name])  # first calls: the same draws from the same seed
+        facts[name] = {"vs_tomesd": rel(got, want), "vs_untouched": rel(got, base_out)}
+    results = {"config": {k: getattr(args, k) for k in ("arch", "latent", "batch", "rounds", "warmup", "threads",
+                                                        "clock")},
+               "machine": machine(), "tomesd": getattr(tomesd, "__version__", "0.1.3"), "backends": {}}
+
+    def record(backend: str, timings: dict, who: str) -> None:
+        base_t = timings["untouched"]
+        results["backends"][backend] = {"untouched_ms": base_t.median * 1e3}
+        for name in UNET_SETTINGS:
+            for impl in (["tomesd"] if backend == "eager" else []) + ["dittofx"]:
+                t = timings[f"{impl} {name}"]
+                row = {"backend": backend, "impl": impl if impl == "tomesd" else who, "setting": name,
+                       "ms": t.median * 1e3, "base_ms": base_t.median * 1e3, "speedup": t.speedup, "spread": t.spread,
+                       "rounds": t.ratios, **(facts[name] if impl == "dittofx" and backend == "eager" else {})}
+                if impl == "dittofx" and backend == "eager":
+                    ref_t = timings[f"tomesd {name}"]
+                    row["vs_tomesd_speed"] = t.speedup / ref_t.speedup  # same rounds: ratio of speed-ups
+                rows.append(row)
+                results["backends"][backend][f"{impl} {name}"] = row
+
+    def rounds_log(backend):
+        return lambda i: log(f"{backend}: round {i + 1}/{args.rounds} done")
+
+    def timed(fns: dict, backend: str) -> dict:
+        log(f"{backend}: {len(fns)} callables, interleaved")
+        return interleaved(fns, rounds=args.rounds, warmup=args.warmup, on_round=rounds_log(backend), clock=args.clock)
+
+    if "eager" in args.backends:
+        fns = {"untouched": lambda: unet(*inputs, **kwargs)}
+        for name in UNET_SETTINGS:
+            fns[f"tomesd {name}"] = lambda name=name: refs[name](*inputs, **kwargs)
+            fns[f"dittofx {name}"] = lambda name=name: opts[name](*inputs, **kwargs)
+        record("eager", timed(fns, "eager"), "dittofx")
+
+    if "compile" in args.backends:
+        torch._dynamo.reset()
+        compiled = {"untouched": torch.compile(unet, fullgraph=True)}
+        for name, options in UNET_SETTINGS.items():
+            compiled[f"dittofx {name}"] = dittofx.optimize(unet, [ToMe(seed=0, **options)], inputs, kwargs,
+                                                           compile=True)
+        t = time.perf_counter()
+        for name, fn in compiled.items():
+            out = run(fn)
+            if name != "untouched":
+                facts[name.split(" ", 1)[1]]["compile_vs_untouched"] = rel(out, base_out)
+        log(f"compile: compiled {len(compiled)} graphs in {time.perf_counter() - t:.0f}s")
+        record("compile", timed({n: (lambda fn=fn: fn(*inputs, **kwargs)) for n, fn in compiled.items()}, "compile"),
+               "dittofx")
+
+    if "onnxruntime" in args.backends:
+        from dittofx.runtime import OnnxRuntimeRunner
+
+        with tempfile.TemporaryDirectory() as tmp:
+            runners = {}
+            modules = [("untouched", unet)] + [
+                (f"dittofx {name}", dittofx.optimize(unet, [ToMe(use_rand=False, **options)], inputs, kwargs))
+                for name, options in UNET_SETTINGS.items()]
+            for name, module in modules:
+                t = time.perf_counter()
+                path = os.path.join(tmp, name.replace(" ", "_").replace("=", "") + ".onnx")
+                dittofx.export_onnx(module, path, example_inputs=inputs, example_kwargs=kwargs)
+                runners[name] = OnnxRuntimeRunner(path, providers=["CPUExecutionProvider"], threads=args.threads)
+                log(f"onnxruntime: exported {name} in {time.perf_counter() - t:.0f}s")
+            feed = [v.numpy() for v in inputs] + [kwargs["encoder_hidden_states"].numpy()]
+            fns = {name: (lambda rn=rn: rn(*feed)) for name, rn in runners.items()}
+            record("onnxruntime", timed(fns, "onnxruntime"), "dittofx use_rand=False")
+
+    columns = [("backend", "backend", ""), ("impl", "", ""), ("setting", "setting", ""),
+               ("base_ms", "untouched ms", ".0f"), ("ms", "ms", ".0f"), ("speedup", "speed-up", ".2f"),
+               ("spread", "+-", ".2f"), ("vs_tomesd_speed", "dittofx/tomesd", ".3f"),
+               ("vs_tomesd", "vs tomesd: max rel diff", ".1e"), ("vs_untouched", "vs untouched", ".1e")]
+    title = (f"ToMe ratio=0.5 on a UNet ({args.arch}) @{args.latent}x{args.latent}, batch {args.batch}, {args.threads} "
+             f"threads, {args.clock} clock; median of {args.rounds} interleaved rounds (speed-up over the untouched "
+             f"model in the same backend)")
+    results["table"] = print_table(rows, columns, title)
+    results["rows"] = rows
+    results["targets"] = [
+        f"target dittofx eager >= tomesd at {row['setting']}: {row['vs_tomesd_speed']:.3f} "
+        f"{'met' if row['vs_tomesd_speed'] >= 1.0 else 'NOT met'}" for row in rows if row.get("vs_tomesd_speed")]
+    for line in results["targets"]:
+        print(line)
+    write_json(args.json, results)
+    return results
 
 
 if __name__ == "__main__":

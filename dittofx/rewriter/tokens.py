@@ -23,7 +23,7 @@ import torch
 from torch import fx
 
 from dittofx.rewriter import axes as ax
-from dittofx.rewriter.edit import arg
+from dittofx.rewriter.edit import arg, copy_scope, set_arg
 
 aten = torch.ops.aten
 Tensor = torch.Tensor
@@ -195,9 +195,63 @@ _REWRITES = {
 # -- token sizes -----------------------------------------------------------------------------------
 
 
-def proportional_bias(size: Tensor) -> Tensor:
-    """log(size) as an additive attention mask (B, 1, 1, N): a token of size s counts s times."""
-    return size.log().transpose(1, 2)[:, None]
+def proportional_bias(size: Tensor, queries: Tensor | None = None) -> Tensor:
+    """log(size) as an additive mask for the attention over `queries`: a token of size s counts s
+    times. (B, 1, 1, N) for (B, H, N, d) queries; (B·H, 1, N) for queries with the heads folded into
+    the batch, batch-major (B·H, N, d), or one head (B, N, d): `size_bias_problem` checks the layout."""
+    bias = size.log().transpose(1, 2)[:, None]
+    if queries is None or queries.dim() == 4:
+        return bias
+    heads = queries.shape[0] // max(1, bias.shape[0])
+    return bias.expand(-1, heads, -1, -1).reshape(queries.shape[0], 1, bias.shape[-1])
+
+
+def size_bias_problem(sdpa: fx.Node, amap: ax.AxisMap) -> str | None:
+    """Why token sizes cannot bias this attention's logits (its queries' layout), or None."""
+    if problem := folded_heads_problem(arg(sdpa, "query"), amap):
+        return f"{problem}: token sizes cannot bias the attention"
+    return None
+
+
+def folded_heads_problem(x: fx.Node, amap: ax.AxisMap) -> str | None:
+    """Why queries or keys `x` are not (B, H, N, d), (B, N, d) of one head, nor (B·H, N, d) folded
+    batch-major from (B, H, ...) by a reshape; None when they are one of those."""
+    shape = ax.shape_of(x) or ()
+    if len(shape) == 4 or (len(shape) == 3 and _batch_major(x, amap)):
+        return None
+    return (f"the attention's {x.name} {tuple(shape)} is not (batch, heads, tokens, dim) nor its heads folded "
+            f"batch-major into the batch")
+
+
+def _batch_major(q: fx.Node, amap: ax.AxisMap) -> bool:
+    """(B·H, N, d) queries made by a reshape of (B, H, ...), or (B, N, d) queries of one head."""
+    shape = ax.shape_of(q)
+    batch = next((lab for lab in amap.axis_of(q, 0).labels if lab.kind == "batch"), None)
+    if batch is None:
+        return False
+    if shape[0] == batch.size:
+        return True
+    n = q
+    while n.target not in ax.RESHAPES and n.op == "call_function" and n.args and isinstance(n.args[0], fx.Node) \
+            and ax.shape_of(n.args[0]) == shape:  # clones, casts, contiguous
+        n = n.args[0]
+    src_shape = ax.shape_of(n.args[0]) or () if n.target in ax.RESHAPES else ()
+    return len(src_shape) == 4 and src_shape[0] * src_shape[1] == shape[0] and \
+        any(lab.kind == "batch" for lab in amap.axis_of(n.args[0], 0).labels)
+
+
+def set_size_bias(gm: fx.GraphModule, sdpa: fx.Node, size: fx.Node) -> list[fx.Node]:
+    """Make `sdpa` add log(size) to its logits (proportional attention), on top of its own mask
+    (replacing an earlier pass's size bias). Returns the nodes inserted."""
+    mask = arg(sdpa, "attn_mask")
+    with gm.graph.inserting_before(sdpa):
+        inserted = [gm.graph.call_function(proportional_bias, (size, arg(sdpa, "query")))]
+        if isinstance(mask, fx.Node) and sizes_at(sdpa) is None:
+            inserted.append(gm.graph.call_function(add_bias, (mask, inserted[0])))
+    for node in inserted:
+        copy_scope(sdpa, node)
+    set_arg(sdpa, "attn_mask", inserted[-1])
+    return inserted
 
 
 def add_bias(mask: Tensor, bias: Tensor) -> Tensor:

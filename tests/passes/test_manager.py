@@ -115,7 +115,9 @@ def test_options_are_dataclass_fields_read_by_the_parser_sweeps_and_tune():
     for cls in (ToMe, RLT, PAB, CanonicalizeAttention):
         assert cls.option_names() == [f.name for f in dataclasses.fields(cls)]
     assert parse_pass("tome:r=8,trace_source=true") == ToMe(r=8, trace_source=True)
-    with pytest.raises(PassSpecError, match="accepted: r, prop_attn, trace_source, ratio, merge_mlp, seed"):
+    with pytest.raises(PassSpecError, match="accepted: r, prop_attn, trace_source, unmerge_output, ratio, "
+                                            "max_downsample, sx, sy, use_rand, merge_attn, merge_crossattn, merge_mlp, "
+                                            "seed, grid"):
         parse_pass("tome:speed=2")
     with pytest.raises(PassSpecError):  # dataclasses.replace runs the same checks
         dataclasses.replace(ToMe(), r=-1)

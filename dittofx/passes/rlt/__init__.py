@@ -88,12 +88,13 @@ from dittofx.rewriter.analysis import (
     stream_in,
     tubelets,
 )
-from dittofx.rewriter.edit import Inserter, arg, copy_scope, replace_node, set_arg, values_at
+from dittofx.rewriter.edit import Inserter, arg, copy_scope, replace_node, values_at
 from dittofx.rewriter.tokens import (
     batch_sizes_to_literals,
     carrying,
     make_token_sizes_dynamic,
-    proportional_bias,
+    set_size_bias,
+    size_bias_problem,
     size_weighted_mean,
 )
 
@@ -235,11 +236,15 @@ class RLT(Pass):
         sites = [n for n in graph.nodes if n.target is SDPA and n in region]
         for node in sites:
             self._check_site(node, region)
+            if layout == "padded" and (problem := size_bias_problem(node, amap)):
+                raise UnsupportedModelError(f"RLT cannot pad clips through attention {node.name}: {problem} (the "
+                                            f"copies padding a clip must count as one token); layout='packed' can")
+        inserted = set(add.nodes)
         if layout == "packed":
             self._packed_attention(sites, outs)
         else:
-            self._padded_attention(sites, outs, add)
-        exits = self._rewrite_exits(gm, region, amap, set(grid_labels), stream, state, outs, set(add.nodes))
+            inserted.update(n for node in sites for n in set_size_bias(gm, node, outs.size))
+        exits = self._rewrite_exits(gm, region, amap, set(grid_labels), stream, state, outs, inserted)
 
         result.changed = True
         result.stats["rlt"] = state
@@ -285,14 +290,6 @@ class RLT(Pass):
             q, k, v = node.args[:3]
             kwargs = {k: v for k, v in node.kwargs.items() if k != "attn_mask"}
             replace_node(node, rlt_attention, (q, k, v, outs.pad_idx, outs.key_bias, outs.unpad_idx), kwargs)
-
-    @staticmethod
-    def _padded_attention(sites, outs: Padded, add: Inserter) -> None:
-        """One clip per row; a clip's last token and its copies count as one token: log(size) added to
-        the attention logits (proportional attention, which a later ToMe pass continues)."""
-        bias = add(proportional_bias, outs.size)
-        for node in sites:
-            set_arg(node, "attn_mask", bias)
 
     # -- helpers ------------------------------------------------------------------------------
 

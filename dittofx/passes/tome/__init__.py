@@ -48,9 +48,30 @@ class ToMe(Pass):
     prop_attn: proportional attention: log(size) added to the attention logits after a merge.
     trace_source: record which input tokens each output token covers, (B, N_out, N_in), available
         as `opt.tome_source` after a call.
-    ratio: diffusion mode: the share of the tokens of each spatial self-attention merged, in [0, 1).
-    merge_mlp: diffusion mode: merge and unmerge around the feed-forward too.
-    seed: diffusion mode: draw each 2x2 cell's destination with this seed (None: the top-left one).
+    unmerge_output: ViT mode on a model that outputs every token (a backbone: Dinov2, CLIP vision):
+        after the last merging block, every token takes its merged token's value again, so the output
+        has the original's tokens. False (default): such a model is refused.
+    ratio: diffusion mode: the share of the tokens merged before each spatial self-attention, or of the
+        image tokens of each joint text-image attention (text untouched), in [0, 1).
+
+    Diffusion mode, option for option as tomesd's `apply_patch` (same defaults, same output):
+    max_downsample: merge only in blocks whose token grid is at most this much coarser than the finest
+        one (the latent's grid after the patch embedding; 1, 2, 4 or 8 on SD's UNet). 1 merges at the
+        highest resolution only; a transformer with one resolution (DiT) merges everywhere at any value.
+    sx, sy: the destination cells: one destination per sy x sx cell of the grid.
+    use_rand: each cell's destination drawn anew at every call, from a generator the rewritten graph
+        holds, `opt.graph_module.tome_draws` (`seed` seeds it; None: forked from the global RNG at the
+        first call, as tomesd; its `reset()` starts over; a call with an odd batch uses the top-left
+        ones and draws nothing, as tomesd). False: the top-left one, or one drawn once
+        with `seed` when the pass runs. None (default): True where the model has several resolutions
+        (tomesd's UNets), False on a one-resolution transformer. True runs eagerly and under
+        torch.compile; an exported model (ONNX) cannot hold the generator: export refuses it.
+    merge_attn, merge_crossattn, merge_mlp: merge and unmerge around the self-attention, the
+        cross-attention's queries, the feed-forward (one matching per block, from the block's input).
+    seed: see use_rand.
+    grid: (rows, columns) or (frames, rows, columns) of packed latent tokens (Flux: the pipeline packs
+        the latent before the model, so the graph cannot tell rows from columns). None: a square grid
+        where the token count is a square (said in the report), else refused naming this option.
     """
 
     name: ClassVar[str] = "tome"
@@ -59,21 +80,51 @@ class ToMe(Pass):
     r: int | list | tuple | None = None
     prop_attn: bool = True
     trace_source: bool = False
+    unmerge_output: bool = False
     ratio: float | None = None
+    max_downsample: int = 1
+    sx: int = 2
+    sy: int = 2
+    use_rand: bool | None = None
+    merge_attn: bool = True
+    merge_crossattn: bool = False
     merge_mlp: bool = False
     seed: int | None = None
+    grid: tuple | None = None
 
     def __post_init__(self):
         self.r = _check_r(self.r)
         self.ratio = _check_ratio(self.ratio)
-        for key in ("prop_attn", "trace_source", "merge_mlp"):
+        for key in ("prop_attn", "trace_source", "unmerge_output", "merge_attn", "merge_crossattn", "merge_mlp"):
             if not isinstance(getattr(self, key), bool):
                 raise PassSpecError(f"tome: {key} must be True or False, got {getattr(self, key)!r}")
+        if not (self.use_rand is None or isinstance(self.use_rand, bool)):
+            raise PassSpecError(f"tome: use_rand must be True, False or None (True on models with several "
+                                f"resolutions), got {self.use_rand!r}")
+        for key in ("max_downsample", "sx", "sy"):
+            value = getattr(self, key)
+            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+                raise PassSpecError(f"tome: {key} must be a positive int, got {value!r}")
+        if self.grid is not None:
+            if not isinstance(self.grid, (tuple, list)) or len(self.grid) not in (2, 3) or \
+                    any(not isinstance(v, int) or isinstance(v, bool) or v < 1 for v in self.grid):
+                raise PassSpecError(f"tome: grid must be (rows, columns) or (frames, rows, columns) of positive ints, "
+                                    f"got {self.grid!r}")
+            self.grid = tuple(self.grid)
         if self.seed is not None and (not isinstance(self.seed, int) or isinstance(self.seed, bool)):
             raise PassSpecError(f"tome: seed must be an int or None, got {self.seed!r}")
         if self.ratio is not None and self.r not in (0, None):
             raise PassSpecError("tome: give r (ViT mode: merge for good) or ratio (diffusion mode: merge and "
                                 "unmerge), not both")
+        if self.ratio is not None and self.unmerge_output:
+            raise PassSpecError("tome: unmerge_output applies to r (ViT mode); ratio (diffusion mode) unmerges after "
+                                "each attention already")
+        if self.ratio is None:
+            diffusion_only = [f.name for f in dataclasses.fields(self) if f.name in _DIFFUSION_ONLY
+                              and getattr(self, f.name) != f.default]
+            if diffusion_only:
+                raise PassSpecError(f"tome: {', '.join(diffusion_only)} apply to diffusion mode only: give ratio "
+                                    f"(e.g. tome:ratio=0.5,{diffusion_only[0]}=...)")
 
     # -- where it applies
 
@@ -104,6 +155,10 @@ class ToMe(Pass):
         else:
             run_vit(self, ctx, result)
         return result
+
+
+_DIFFUSION_ONLY = ("max_downsample", "sx", "sy", "use_rand", "merge_attn", "merge_crossattn", "merge_mlp", "seed",
+                   "grid")
 
 
 def _check_r(r):

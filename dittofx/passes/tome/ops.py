@@ -9,17 +9,27 @@ rewriter's (`rewriter/tokens.py`), shared with every pass that gives tokens size
 
 from __future__ import annotations
 
-import torch
-from torch import fx
+import itertools
+import weakref
 
+import torch
+from torch import fx, nn
+
+from dittofx.errors import PassSpecError
 from dittofx.rewriter import axes as ax
 from dittofx.runtime import Recorder
 
 Tensor = torch.Tensor
 
-def head_mean(key: Tensor) -> Tensor:
-    """The ToMe metric: keys (B, heads, N, d) averaged over heads -> (B, N, d)."""
-    return key.mean(1) if key.dim() == 4 else key
+def head_mean(key: Tensor, tokens: Tensor | None = None) -> Tensor:
+    """The ToMe metric: keys averaged over heads -> (B, N, d). Keys are (B, heads, N, d), (B, N, d) of
+    one head, or (B·heads, N, d) with the heads folded batch-major into the batch (B from `tokens`)."""
+    if key.dim() == 4:
+        return key.mean(1)
+    batch = key.shape[0] if tokens is None else tokens.shape[0]
+    if batch == key.shape[0]:
+        return key
+    return key.reshape(batch, key.shape[0] // max(batch, 1), *key.shape[1:]).mean(1)
 
 
 def _best_edges(a: Tensor, b: Tensor, r: int) -> tuple[Tensor, Tensor, Tensor]:
@@ -133,6 +143,12 @@ def unmerge(x: Tensor, where: Tensor) -> Tensor:
     return _rows(x, where)
 
 
+def compose_where(where: Tensor, earlier: Tensor | None) -> Tensor:
+    """Where each original token is after one more merge: `earlier` (B, N0) indexes the sequence
+    that `where` (B, N) maps on (None: that sequence is the original)."""
+    return where if earlier is None else where.gather(1, earlier)
+
+
 def parse_r(layers: int, r) -> list[int]:
     """r per layer: an int, a list (padded with zeros), or (r, inflection): r(1-i) .. r(1+i) linearly."""
     if isinstance(r, list):
@@ -153,11 +169,115 @@ def grid_destinations(h: int, w: int, generator: torch.Generator | None = None, 
     hs, ws = h // sy, w // sx
     pick = (torch.randint(sy * sx, (hs, ws), generator=generator) if generator is not None
             else torch.zeros(hs, ws, dtype=torch.long))
-    rows = torch.arange(hs)[:, None] * sy + pick // sx
-    cols = torch.arange(ws)[None, :] * sx + pick % sx
-    is_dst = torch.zeros(h * w, dtype=torch.bool)
-    is_dst[(rows * w + cols).flatten()] = True
-    return (~is_dst).nonzero().flatten(), is_dst.nonzero().flatten()
+    return _cell_positions(h, w, pick, sy, sx)
+
+
+def _cell_positions(h: int, w: int, pick: Tensor, sy: int, sx: int) -> tuple[Tensor, Tensor]:
+    """(A, B) positions when cell (i, j) sends its `pick[i, j]`-th token (row-major in the cell) to B."""
+    hs, ws = pick.shape
+    device = pick.device
+    rows = torch.arange(hs, device=device)[:, None] * sy + pick // sx
+    cols = torch.arange(ws, device=device)[None, :] * sx + pick % sx
+    is_src = torch.ones(h * w, dtype=torch.uint8, device=device)
+    is_src[(rows * w + cols).flatten()] = 0
+    order = is_src.argsort(stable=True)  # B then A, each in raster order; no nonzero: no device sync
+    return order[hs * ws:].clone(), order[:hs * ws].clone()  # two tensors, not views of one
+
+
+# -- destinations drawn on every call (tomesd's use_rand) -------------------------------------------
+#
+# The draw is a custom op: torch.compile(fullgraph=True) keeps it as one opaque call, run at every call
+# of the compiled graph, and torch.export (hence ONNX) refuses it, since an exported model cannot hold a
+# generator. The generator lives on a `DestinationDraws` module of the rewritten graph; the op finds it
+# by key.
+
+_DRAWS: dict[int, weakref.ref] = {}
+_keys = itertools.count()
+
+
+class DestinationDraws(nn.Module):
+    """The generator of the destinations drawn on every call (`ToMe(use_rand=True)`), as tomesd's.
+
+    tomesd makes its generator at its first merge: a fork of the global RNG of the tokens' device
+    (after `torch.manual_seed(s)`, the state of `Generator().manual_seed(s)`); `seed` seeds it instead.
+    Each merging block draws `randint(sy * sx, (h // sy, w // sx))` from it in the order the blocks run;
+    a call with an odd batch draws nothing and uses the top-left destinations (tomesd: its batch cannot
+    hold a prompted and an unprompted half). `reset()` starts the sequence again."""
+
+    def __init__(self, seed: int | None = None):
+        super().__init__()
+        self.seed = seed
+        self.generator: torch.Generator | None = None
+        self.key = next(_keys)
+        self.sites = 0  # draws inserted: each its own call of the op
+        _DRAWS[self.key] = weakref.ref(self, lambda _, key=self.key: _DRAWS.pop(key, None))
+
+    def reset(self) -> None:
+        self.generator = None
+
+    def draw(self, add, metric, h: int, w: int, sy: int, sx: int):
+        """Insert, with `add` (an Inserter), one draw of (A, B) positions for the tokens of `metric`."""
+        self.sites += 1
+        return add.getitems(add(torch.ops.dittofx.tome_random_destinations.default, metric, self.key, self.sites,
+                                h, w, sy, sx), 2)
+
+    def generator_for(self, device: torch.device) -> torch.Generator:
+        """The generator, made at the first draw (or moved, as tomesd does, when the device changes)."""
+        gen = self.generator
+        if gen is not None and gen.device == device:
+            return gen
+        if device.type not in ("cpu", "cuda"):
+            device = torch.device("cpu") if gen is None else gen.device
+        if gen is None or gen.device != device:
+            gen = torch.Generator(device=device)
+            if self.seed is not None:
+                gen.manual_seed(self.seed)
+            else:
+                gen.set_state(torch.get_rng_state() if device.type == "cpu" else torch.cuda.get_rng_state(device))
+        self.generator = gen
+        return gen
+
+    def __deepcopy__(self, memo):  # the graph's nodes name it by key: a copy of the graph shares it
+        return self
+
+    def extra_repr(self) -> str:
+        return f"seed={self.seed}"
+
+
+def destination_draws(gm: fx.GraphModule, seed: int | None) -> DestinationDraws:
+    """The graph's generator of destinations drawn every call: one per graph (`gm.tome_draws`), shared
+    by every merge in the order they run, as tomesd's one generator."""
+    if not hasattr(gm, "tome_draws"):
+        gm.add_submodule("tome_draws", DestinationDraws(seed))
+    return gm.tome_draws
+
+
+@torch.library.custom_op("dittofx::tome_random_destinations", mutates_args=())
+def random_destinations(metric: Tensor, key: int, site: int, h: int, w: int, sy: int, sx: int
+                        ) -> tuple[Tensor, Tensor]:
+    """(A, B) positions for this call: B one token per sy x sx cell, drawn from the generator of
+    `DestinationDraws` `key` (`site` only tells the calls apart); the top-left ones for an odd batch."""
+    ref = _DRAWS.get(key)
+    draws = ref() if ref is not None else None
+    if draws is None:
+        raise RuntimeError("tome: the generator of use_rand=True is gone (its graph was freed)")
+    gen = draws.generator_for(metric.device)
+    shape = (h // sy, w // sx)
+    if metric.shape[0] % 2:
+        pick = torch.zeros(shape, dtype=torch.long, device=metric.device)
+    else:
+        pick = torch.randint(sy * sx, shape, generator=gen, device=gen.device).to(metric.device)
+    return _cell_positions(h, w, pick, sy, sx)
+
+
+@random_destinations.register_fake
+def _(metric, key, site, h, w, sy, sx):
+    if torch.compiler.is_exporting():
+        raise PassSpecError("tome: use_rand=True draws the destinations from a generator on every call, which an "
+                            "exported model (ONNX, TensorRT, torch.export) cannot hold: rewrite with use_rand=False "
+                            "to export (fixed destinations)")
+    n_dst = (h // sy) * (w // sx)
+    return (metric.new_empty(h * w - n_dst, dtype=torch.long), metric.new_empty(n_dst, dtype=torch.long))
 
 
 class SourceRecorder(Recorder):
@@ -178,3 +298,4 @@ for _fn in (merge_wavg, merge_sizes, merge_source, unmerge, head_mean):
     ax.register_rule(_fn, ax.same_as_first_input)
 ax.register_rule(bipartite_soft_matching, _matching_axes)
 ax.register_rule(grid_matching, _matching_axes)
+ax.register_rule(torch.ops.dittofx.tome_random_destinations.default, lambda node, amap: [(ax.EMPTY,)] * 2)

@@ -12,7 +12,9 @@
      else in decreasing score order, as the reference code), then B.
 
   Later attentions add log(size) to their logits (proportional attention, an additive SDPA mask so
-  the fused kernel stays); heads that average tokens weight them by size. r is an int, a list (one
+  the fused kernel stays); heads that average tokens weight them by size. Their rotary tables (EVA02,
+  VJEPA2) take the rows of the positions the tokens carry, a merged token its destination's
+  (`rewriter/positions.py`). r is an int, a list (one
   per block) or (r, inflection): a linear ramp from r(1 - i) to r(1 + i). It is clamped to half the
   unprotected tokens of each block.
 
@@ -29,7 +31,6 @@ from __future__ import annotations
 from typing import TYPE_CHECKING
 
 import torch
-from torch import fx
 
 from dittofx.errors import PassSpecError
 from dittofx.passes.base import PassContext, PassResult
@@ -38,12 +39,15 @@ from dittofx.passes.tome.attention import shape as _shape
 from dittofx.passes.tome.ops import (
     SourceRecorder,
     bipartite_soft_matching,
+    compose_where,
     head_mean,
     merge_sizes,
     merge_source,
     merge_wavg,
     num_destinations,
     parse_r,
+    unmerge,
+    unmerge_index,
 )
 from dittofx.rewriter.analysis import (
     Analysis,
@@ -51,11 +55,13 @@ from dittofx.rewriter.analysis import (
     Block,
     outputs_carry,
 )
-from dittofx.rewriter.edit import Inserter, arg, copy_scope, replace_node, reroute, set_arg
+from dittofx.rewriter.edit import Inserter, arg, replace_node, reroute
+from dittofx.rewriter.positions import follow_tokens, kept_positions, positional_problem
 from dittofx.rewriter.tokens import (
-    add_bias,
+    folded_heads_problem,
     make_token_sizes_dynamic,
-    proportional_bias,
+    set_size_bias,
+    size_bias_problem,
     size_weighted_mean,
     sizes_at,
     token_labels,
@@ -84,13 +90,16 @@ def vit_check(tome: ToMe, analysis: Analysis, block: Block) -> str | None:
     if block.stream is None or block.token_dim != 1 or len(_shape(block.stream)) != 3:
         return "no (batch, tokens, channels) residual stream after the attention"
     key = sites[-1].key
-    if len(_shape(key)) not in (3, 4) or _shape(key)[-2] != block.tokens:
-        return "the attention keys are not (batch, heads, tokens, dim)"
+    if len(_shape(key)) not in (3, 4) or _shape(key)[-2] != block.tokens or \
+            (len(_shape(key)) == 3 and folded_heads_problem(key, analysis.axes)):
+        return "the attention keys are not (batch, heads, tokens, dim) nor heads folded batch-major into the batch"
     for site in sites:
-        if problem := attention_problem(site):
+        if problem := attention_problem(site) or positional_problem(site) or \
+                (tome.prop_attn and size_bias_problem(site.node, analysis.axes)):
             return problem
-    if outputs_carry(analysis, token_labels(analysis.axes.axis_of(block.stream, 1))):
-        return "the model outputs every token: merge and unmerge with ToMe(ratio=...) instead"
+    if not tome.unmerge_output and outputs_carry(analysis, token_labels(analysis.axes.axis_of(block.stream, 1))):
+        return ("the model outputs every token: unmerge at the output with tome:unmerge_output=True (a backbone), "
+                "or merge and unmerge around each attention with tome:ratio=...")
     return None
 
 
@@ -105,6 +114,8 @@ def run_vit(tome: ToMe, ctx: PassContext, result: PassResult) -> None:
     blocks = [b for b in analysis.blocks if vit_check(tome, analysis, b) is None]
     labels = token_labels(analysis.axes.axis_of(blocks[0].stream, 1))
     blocks = [b for b in blocks if token_labels(analysis.axes.axis_of(b.stream, 1)) == labels]
+    if not (blocks := _after_fixed_positions(analysis, blocks, labels, result)):
+        return
     r = tome.r
     if r is None:
         r = default_r(blocks[0].tokens, blocks[0].prefix, len(blocks))
@@ -115,24 +126,17 @@ def run_vit(tome: ToMe, ctx: PassContext, result: PassResult) -> None:
         raise PassSpecError(f"tome: r lists {len(schedule)} layers but the model has {len(blocks)} blocks "
                             f"where ToMe applies")
     make_token_sizes_dynamic(gm, analysis.axes, labels)
-    tokens, size, bias, source, last = blocks[0].tokens, None, None, None, None
+    tokens, size, biased, source, last, where = blocks[0].tokens, None, None, None, None, None
     # token sizes an earlier pass gave (RLT's padded clips: a clip's last token and its copies count
     # as one), as the proportional bias of the first attention: continue from those sizes
     given = next((sizes_at(s.node) for s in vit_sites(blocks[0]) if sizes_at(s.node) is not None), None)
     if given is not None:
         size = given
+    positions, merges = None, []  # the captured position each token carries (rotary tables follow it)
     for block, r in zip(blocks, schedule):
         sites = vit_sites(block)
-        if bias is not None:
-            for site in sites:
-                mask = arg(site.node, "attn_mask")
-                if isinstance(mask, fx.Node) and (given is None or sizes_at(site.node) is not given):
-                    with gm.graph.inserting_before(site.node):
-                        bias_here = gm.graph.call_function(add_bias, (mask, bias))
-                    copy_scope(site.node, bias_here)
-                else:
-                    bias_here = bias
-                set_arg(site.node, "attn_mask", bias_here)
+        for site in sites if biased is not None else ():
+            set_size_bias(gm, site.node, biased)  # proportional attention (replacing RLT's, which `size` continues)
         limit = (tokens - block.prefix) // 2
         if r > limit:
             result.note(block.name, f"r={r} clamped to {limit} (half the {tokens - block.prefix} "
@@ -141,22 +145,27 @@ def run_vit(tome: ToMe, ctx: PassContext, result: PassResult) -> None:
         if r <= 0:
             continue
         add = Inserter(block.stream)
-        metric = add(head_mean, sites[-1].key)
+        metric = add(head_mean, sites[-1].key, block.stream)
         keep, src, dst = add.getitems(add(bipartite_soft_matching, metric, r, block.prefix), 3)
         new_size = add(merge_sizes, block.stream, size, keep, src, dst)
         num_dst = num_destinations(tokens, block.prefix)
         if given is not None:  # the token count depends on the data (RLT's clips): read it at run time
             num_dst = add(num_destinations, add(aten.sym_size.int, block.stream, 1), block.prefix)
         merged = add(merge_wavg, block.stream, size, new_size, keep, src, dst, num_dst)
+        positions = add(kept_positions, positions, keep)
+        merges.append((merged, positions))
         if tome.trace_source:
             source = add(merge_source, block.stream, source, keep, src, dst)
+        if tome.unmerge_output:
+            where = add(compose_where, add(unmerge_index, keep, src, dst), where)
         reroute(block.stream, merged, skip=add.nodes)
-        size, last = new_size, merged
+        size, last, last_block = new_size, merged, block
         if tome.prop_attn:
-            bias = add(proportional_bias, size)
+            biased = size
         protected = f", {block.prefix} protected" if block.prefix else ""
         result.note(block.name, f"tome: merged {r} tokens after attention ({tokens} -> {tokens - r}{protected})")
         tokens -= r
+    _follow_positions(gm, analysis, labels, merges, tome.unmerge_output, result)
     if last is None:
         result.note(None, "tome: every block has r=0, nothing merged")
         return
@@ -166,7 +175,51 @@ def run_vit(tome: ToMe, ctx: PassContext, result: PassResult) -> None:
         result.stats["tome_source"] = recorder
     result.note(None, f"tome: {blocks[0].tokens} tokens -> {tokens} after {len(blocks)} blocks")
     result.changed = True
-    _weight_means(gm, analysis, labels, last, size, tokens, blocks[-1].prefix, result)
+    if tome.unmerge_output:
+        _unmerge_after(gm, last_block, last, where, result)
+    else:
+        _weight_means(gm, analysis, labels, last, size, tokens, blocks[-1].prefix, result)
+
+
+def _after_fixed_positions(analysis, blocks, labels, result) -> list[Block]:
+    """The blocks after the last attention over these tokens whose position tables cannot follow merged
+    tokens (`positional_problem`): a merge before it would break it."""
+    order = {n: i for i, n in enumerate(blocks[0].stream.graph.nodes)} if blocks else {}
+    fixed = [s for s in analysis.sites if s.is_self and labels & set(s.seq_axis.labels) and positional_problem(s)]
+    if not fixed:
+        return blocks
+    after = [b for b in blocks if order[b.stream] > order[fixed[-1].node]]
+    if len(after) < len(blocks):
+        result.note(None, f"tome: no merge before {fixed[-1].module}: {positional_problem(fixed[-1])}")
+    return after
+
+
+def _follow_positions(gm, analysis, labels, merges, unmerged, result) -> None:
+    """Every attention over the merged tokens after a merge: its rotary tables take the rows of the
+    positions its tokens carry (`rewriter/positions.py`). With `unmerged`, the tokens after the last merge
+    are the original ones again."""
+    if not merges:
+        return
+    order = {n: i for i, n in enumerate(gm.graph.nodes)}
+    count = 0
+    for site in analysis.sites:
+        if not site.is_self or site.tokens <= 1 or not labels & set(site.seq_axis.labels):
+            continue
+        before = [p for m, p in merges if order[m] < order[site.node]]
+        if not before or (unmerged and order[site.node] > order[merges[-1][0]]):
+            continue
+        count += follow_tokens(gm, site, before[-1])
+    if count:
+        result.note(None, f"tome: {count} position tables (rotary) follow the merged tokens' positions")
+
+
+def _unmerge_after(gm, block, merged, where, result) -> None:
+    """Every original token back at the end of the last merging block: what follows (final norm,
+    heads, the outputs) sees the original token count, each token its merged token's value."""
+    end = block.mlp_residual if block.mlp_residual is not None else merged
+    add = Inserter(end)
+    reroute(end, add(unmerge, end, where), skip=add.nodes)
+    result.note(block.name, f"tome: every token unmerged after {block.name} (unmerge_output)")
 
 
 def _weight_means(gm, analysis, labels, last, size, tokens, prefix, result) -> None:

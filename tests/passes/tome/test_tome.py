@@ -241,7 +241,9 @@ def test_compile_fullgraph_runs(vit, vit_r8):
 
 @pytest.mark.parametrize("spec", ["tome:r=-1", "tome:r=1.5", "tome:r=True", "tome:r='x'", "tome:r=[4,-1]",
                                   "tome:r=(8,2.0)", "tome:ratio=1.0", "tome:ratio=-0.1", "tome:ratio=True",
-                                  "tome:r=8,ratio=0.5", "tome:seed=1.5", "tome:merge_mlp=3"])
+                                  "tome:r=8,ratio=0.5", "tome:seed=1.5", "tome:merge_mlp=3",
+                                  "tome:ratio=0.5,grid=(0,4)", "tome:ratio=0.5,grid=(2,2,2,2)", "tome:r=4,grid=(8,8)",
+                                  "tome:ratio=0.5,unmerge_output=True"])
 def test_bad_options(spec):
     with pytest.raises(PassSpecError) as e:
         parse_pass(spec)
