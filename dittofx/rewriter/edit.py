@@ -97,6 +97,14 @@ class Inserter:
         gm.add_submodule(name, module)
         return self._place(lambda g: g.call_module(name, args))
 
+    def constant(self, gm: fx.GraphModule, name: str, value: torch.Tensor) -> fx.Node:
+        """`value` as a buffer of `gm` (not saved in its state dict), on the device of `like`'s value."""
+        like = self.like.meta.get("val")
+        if isinstance(like, torch.Tensor) and like.device.type != "meta":
+            value = value.to(like.device)
+        gm.register_buffer(name, value, persistent=False)
+        return self._place(lambda g: g.get_attr(name))
+
 
 def insert_after(node: fx.Node, fn: Callable, args: tuple, kwargs: dict | None = None,
                  reroute: bool = True, name: str | None = None) -> fx.Node:

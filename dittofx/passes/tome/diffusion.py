@@ -104,7 +104,8 @@ def run_diffusion(tome: ToMe, ctx: PassContext, result: PassResult) -> None:
         if draws is not None:
             a_pos, b_pos = draws.draw(add, metric, h, w, tome.sy, tome.sx)
         else:
-            a_pos, b_pos = _constants(gm, add, i, grid_destinations(h, w, generator, tome.sy, tome.sx))
+            a_pos, b_pos = [add.constant(gm, f"tome_{ab}_pos_{i}", pos)
+                            for ab, pos in zip("ab", grid_destinations(h, w, generator, tome.sy, tome.sx))]
         keep, src, dst = add.getitems(add(grid_matching, metric, a_pos, b_pos, r), 3)
         size = add(merge_sizes, metric, None, keep, src, dst)
         where = add(unmerge_index, keep, src, dst)
@@ -141,18 +142,6 @@ def finest_tokens(analysis: Analysis, places) -> int:
         if len(shape) == 4 and shape[2] * shape[3] >= largest:
             return shape[2] * shape[3]
     return largest
-
-
-def _constants(gm, add: Inserter, i: int, positions) -> list:
-    nodes = []
-    for name, value in zip(("a", "b"), positions):
-        attr = f"tome_{name}_pos_{i}"
-        gm.register_buffer(attr, value, persistent=False)
-        with gm.graph.inserting_after(add.after):
-            node = gm.graph.get_attr(attr)
-        add.after = node
-        nodes.append(node)
-    return nodes
 
 
 def _targets(tome: ToMe, block: Block, site: AttentionSite, first: bool):

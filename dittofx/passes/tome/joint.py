@@ -419,14 +419,7 @@ def run_joint(tome, ctx, result) -> None:
             if use_rand:
                 result.note(block.name, f"tome: use_rand: frames of {rows} rows are not whole {sy}-row cells: "
                                         f"destinations drawn once")
-            consts = []
-            val = p.x.meta.get("val")
-            device = val.device if isinstance(val, torch.Tensor) and val.device.type != "meta" else None
-            for name, value in (("a", a_pos), ("b", b_pos)):
-                attr = f"tome_joint_{name}_pos_{i}"
-                gm.register_buffer(attr, value.to(device), persistent=False)  # where the tokens are
-                with gm.graph.inserting_before(metric):
-                    consts.append(gm.graph.get_attr(attr))
+            consts = [add.constant(gm, f"tome_joint_{ab}_pos_{i}", pos) for ab, pos in zip("ab", (a_pos, b_pos))]
         keep, src, dst = add.getitems(add(grid_matching, metric, consts[0], consts[1], r), 3)
         image = add(segment, p.x, p.start, p.count)
         size = add(merge_sizes, image, None, keep, src, dst)
