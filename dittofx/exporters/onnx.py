@@ -152,6 +152,9 @@ def export_onnx(
         raise ExportError("the model keeps state between calls (PAB caches), which one ONNX model cannot hold: "
                           "export it with dittofx.exporters.onnx_pab.export_pab_onnx (one ONNX per broadcast "
                           "pattern, run by OnnxPABRunner)")
+    for m in module.modules():  # a part that says an exported model cannot hold it
+        if why := getattr(m, "not_exportable", None):
+            raise ExportError(why)
     args = example_inputs if isinstance(example_inputs, (tuple, list)) else (example_inputs,)
     args = tuple(args)
     kwargs = dict(example_kwargs or {})

@@ -204,6 +204,10 @@ class DestinationDraws(nn.Module):
     a call with an odd batch draws nothing and uses the top-left destinations (tomesd: its batch cannot
     hold a prompted and an unprompted half). `reset()` starts the sequence again."""
 
+    # what export_onnx says instead of exporting (one line)
+    not_exportable = ("tome: use_rand=True draws the destinations from a generator at every call, which an exported "
+                      "model (ONNX, TensorRT) cannot hold: rewrite with use_rand=False to export (fixed destinations)")
+
     def __init__(self, seed: int | None = None):
         super().__init__()
         self.seed = seed
@@ -273,9 +277,7 @@ def random_destinations(metric: Tensor, key: int, site: int, h: int, w: int, sy:
 @random_destinations.register_fake
 def _(metric, key, site, h, w, sy, sx):
     if torch.compiler.is_exporting():
-        raise PassSpecError("tome: use_rand=True draws the destinations from a generator on every call, which an "
-                            "exported model (ONNX, TensorRT, torch.export) cannot hold: rewrite with use_rand=False "
-                            "to export (fixed destinations)")
+        raise PassSpecError(DestinationDraws.not_exportable)
     n_dst = (h // sy) * (w // sx)
     return (metric.new_empty(h * w - n_dst, dtype=torch.long), metric.new_empty(n_dst, dtype=torch.long))
 
