@@ -55,7 +55,7 @@ from dittofx.rewriter.analysis import (
     Block,
     outputs_carry,
 )
-from dittofx.rewriter.edit import Inserter, arg, replace_node, reroute
+from dittofx.rewriter.edit import Inserter, arg, replace_node, reroute, set_arg
 from dittofx.rewriter.positions import follow_tokens, kept_positions, positional_problem
 from dittofx.rewriter.tokens import (
     folded_heads_problem,
@@ -127,6 +127,7 @@ def run_vit(tome: ToMe, ctx: PassContext, result: PassResult) -> None:
                             f"where ToMe applies")
     make_token_sizes_dynamic(gm, analysis.axes, labels)
     tokens, size, biased, source, last, where = blocks[0].tokens, None, None, None, None, None
+    masks = {}  # each biased attention's own mask (unmerge_output: blocks after the last merge keep it)
     # token sizes an earlier pass gave (RLT's padded clips: a clip's last token and its copies count
     # as one), as the proportional bias of the first attention: continue from those sizes
     given = next((sizes_at(s.node) for s in vit_sites(blocks[0]) if sizes_at(s.node) is not None), None)
@@ -136,6 +137,7 @@ def run_vit(tome: ToMe, ctx: PassContext, result: PassResult) -> None:
     for block, r in zip(blocks, schedule):
         sites = vit_sites(block)
         for site in sites if biased is not None else ():
+            masks[site.node] = arg(site.node, "attn_mask")
             set_size_bias(gm, site.node, biased)  # proportional attention (replacing RLT's, which `size` continues)
         limit = (tokens - block.prefix) // 2
         if r > limit:
@@ -176,7 +178,10 @@ def run_vit(tome: ToMe, ctx: PassContext, result: PassResult) -> None:
     result.note(None, f"tome: {blocks[0].tokens} tokens -> {tokens} after {len(blocks)} blocks")
     result.changed = True
     if tome.unmerge_output:
-        _unmerge_after(gm, last_block, last, where, result)
+        # at the output: after the last block ToMe runs in (blocks of r=0 after the last merge attend
+        # over the merged tokens), or after the last merge where that block has no MLP sub-block to close it
+        end_block = blocks[-1] if blocks[-1].mlp_residual is not None else last_block
+        _unmerge_after(gm, end_block, last, where, masks, result)
     else:
         _weight_means(gm, analysis, labels, last, size, tokens, blocks[-1].prefix, result)
 
@@ -213,12 +218,17 @@ def _follow_positions(gm, analysis, labels, merges, unmerged, result) -> None:
         result.note(None, f"tome: {count} position tables (rotary) follow the merged tokens' positions")
 
 
-def _unmerge_after(gm, block, merged, where, result) -> None:
-    """Every original token back at the end of the last merging block: what follows (final norm,
-    heads, the outputs) sees the original token count, each token its merged token's value."""
+def _unmerge_after(gm, block, merged, where, masks, result) -> None:
+    """Every original token back at the end of `block`: what follows (final norm, heads, later blocks,
+    the outputs) sees the original token count, each token its merged token's value, and attends with
+    its own mask again (no token sizes)."""
     end = block.mlp_residual if block.mlp_residual is not None else merged
     add = Inserter(end)
     reroute(end, add(unmerge, end, where), skip=add.nodes)
+    order = {n: i for i, n in enumerate(gm.graph.nodes)}
+    for sdpa, mask in masks.items():
+        if order[sdpa] > order[end]:
+            set_arg(sdpa, "attn_mask", mask)
     result.note(block.name, f"tome: every token unmerged after {block.name} (unmerge_output)")
 
 

@@ -82,7 +82,7 @@ def clip_reference(model, x, schedule):
     return seq, model.post_layernorm(seq[:, 0])
 
 
-@pytest.mark.parametrize("r", [3, [5, 0, 2]])
+@pytest.mark.parametrize("r", [3, [5, 0, 2], [2, 2, 0]])
 def test_dinov2_backbone_matches_reference(dinov2, r):
     model, x = dinov2
     opt = dittofx.optimize(model, [ToMe(r=r, unmerge_output=True)], example_inputs=(x,))
