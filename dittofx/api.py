@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
+from contextlib import contextmanager, nullcontext
 from itertools import chain
 
 import torch
 from torch import fx, nn
 
 from dittofx import _log, runtime, signature
-from dittofx.errors import DittoError
+from dittofx.errors import DittoError, PassSpecError
 from dittofx.passes.base import Pass
 from dittofx.passes.exact import check_exact
 from dittofx.passes.manager import PassManager, check_order
@@ -51,13 +52,15 @@ def optimize(model: nn.Module, passes=(), example_inputs=None, example_kwargs=No
 
 
 class _Variant(nn.Module):
-    """One captured and rewritten graph, for one call signature."""
+    """One captured and rewritten graph, for one call signature and mode (train or eval)."""
 
-    def __init__(self, gm: fx.GraphModule, cap: Capture, report: Report, compiled: bool, original: nn.Module):
+    def __init__(self, gm: fx.GraphModule, cap: Capture, report: Report, compiled: bool, original: nn.Module,
+                 for_training: bool = False):
         super().__init__()
         self.gm = gm
         self.capture = cap
         self.report = report
+        self.for_training = for_training  # captured with the original in train mode
         free = cap.batched_inputs if cap.dynamic_batch else set()
         self.key = signature.call_key(cap.example_inputs, cap.example_kwargs, free)
         self.free_batch = free
@@ -82,8 +85,8 @@ class _Variant(nn.Module):
                 changed = True
         return changed
 
-    def matches(self, args, kwargs) -> bool:
-        return signature.call_key(args, kwargs, self.free_batch) == self.key
+    def matches(self, args, kwargs, training: bool = False) -> bool:
+        return self.for_training == training and signature.call_key(args, kwargs, self.free_batch) == self.key
 
     def run(self, args, kwargs):
         if isinstance(self.runner, fx.GraphModule) and (torch.compiler.is_exporting() or torch.compiler.is_compiling()):
@@ -123,12 +126,17 @@ class OptimizedModule(nn.Module):
     `pipe(...)`. A loop of one's own needs none of them while its timesteps are monotonic (a call
     going against the direction starts a generation) and cond/uncond differ in their conditioning
     inputs; call new_generation() where a loop starts that continues the last one's direction.
+
+    Training: `opt.train()` / `opt.eval()` set the original's mode too; a call in train mode runs a graph
+    captured with the original in train mode (dropout, stochastic depth, batch-norm statistics; captured
+    once, then reused), one in eval mode the inference graph. Gradients reach the original's parameters.
     """
 
     def __init__(self, model: nn.Module, passes: list[Pass], example_inputs: tuple, example_kwargs: dict, *,
                  dynamic_batch: bool = True, compile: bool = False, check: bool = True):
         super().__init__()
         self.__dict__["_original"] = model  # not a submodule: its parameters are shared, not copied
+        self.training = model.training  # the original's mode: which graph a call runs
         self.passes = passes
         self.dynamic_batch = dynamic_batch
         self.compiled = compile
@@ -175,28 +183,43 @@ class OptimizedModule(nn.Module):
         args, kwargs = tuple(args or ()), dict(kwargs or {})
         return self._variant(args, kwargs).gm, args, kwargs
 
+    def train(self, mode: bool = True) -> OptimizedModule:
+        """Train or eval mode, here and in the original (as `nn.Module.train` sets it): the next calls
+        run the graph captured in that mode. Not passed on to the graphs (a captured graph has one mode)."""
+        if not isinstance(mode, bool):
+            raise ValueError(f"train() takes a bool, got {mode!r}")
+        if mode:
+            _check_trainable(self.passes)
+        self.training = mode
+        self.original.train(mode)
+        return self
+
     def _variant(self, args: tuple, kwargs: dict) -> _Variant:
+        training = self.training
         for variant in tuple(self.variants):  # a snapshot: another thread may append meanwhile
-            if variant.matches(args, kwargs):
+            if variant.matches(args, kwargs, training):
                 return variant
         # One build at a time in the process: torch.export patches process-wide state, and the check
         # runs the original, whose weights another thread's export swaps for fakes (rewriter/quiet.py).
         with EXPORT_LOCK:
             for variant in tuple(self.variants):  # another thread may have captured this form meanwhile
-                if variant.matches(args, kwargs):
+                if variant.matches(args, kwargs, training):
                     return variant
             return self._build(args, kwargs)
 
     def _build(self, args: tuple, kwargs: dict) -> _Variant:
         kwargs = dict(sorted(kwargs.items()))
-        cap = capture(self.original, args, kwargs, dynamic_batch=self.dynamic_batch)
-        base = copy_module(cap.graph_module) if self.check else None
-        gm, report = PassManager(self.passes).run(self.original, cap)
-        variant = _Variant(gm, cap, report, self.compiled, self.original)
-        if base is not None:
-            with _log.stage("checking the rewritten model at its exact setting"):
-                run = variant.runner if not self.compiled else None  # compiling only to check: too slow
-                check_exact(self.original, self.passes, cap, base, gm, run)
+        training = self.training
+        with _mode(self.original, training), _untouched(self.original) if training else nullcontext():
+            cap = capture(self.original, args, kwargs, dynamic_batch=self.dynamic_batch)
+            base = copy_module(cap.graph_module) if self.check else None
+            gm, report = PassManager(self.passes).run(self.original, cap)
+            variant = _Variant(gm, cap, report, self.compiled, self.original, training)
+            if base is not None:
+                with _log.stage("checking the rewritten model at its exact setting"), \
+                        _replayed(self.original) if training else nullcontext():
+                    run = variant.runner if not self.compiled else None  # compiling only to check: too slow
+                    check_exact(self.original, self.passes, cap, base, gm, run)
         self.variants.append(variant)
         return variant
 
@@ -278,6 +301,89 @@ class OptimizedModule(nn.Module):
 
     def extra_repr(self) -> str:
         return f"model={type(self.original).__name__}, passes=[{', '.join(p.spec() for p in self.passes)}]"
+
+
+def _check_trainable(passes: list[Pass]) -> None:
+    """PassSpecError (one line) unless every pass may run in a training graph: for now the attention's
+    canonical form and ToMe in ViT mode (merging for good, as the paper trains), whose gradients are
+    checked against a reference."""
+    refused = [p.spec() for p in passes
+               if not (p.name == "sdpa" or (p.name == "tome" and getattr(p, "ratio", None) is None))]
+    if refused:
+        raise PassSpecError(f"training with passes is not supported yet: {', '.join(refused)} (supported in train "
+                            f"mode: no passes, sdpa, or tome with r, ViT mode); optimize without them to train")
+
+
+def _rng_state() -> tuple:
+    cuda = torch.cuda.get_rng_state_all() if torch.cuda.is_available() and torch.cuda.is_initialized() else None
+    return torch.get_rng_state(), cuda
+
+
+def _set_rng_state(state: tuple) -> None:
+    cpu, cuda = state
+    torch.set_rng_state(cpu)
+    if cuda is not None:
+        torch.cuda.set_rng_state_all(cuda)
+
+
+def _buffers(model: nn.Module) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    return [(b, b.clone()) for b in model.buffers()]
+
+
+def _restore(saved: list[tuple[torch.Tensor, torch.Tensor]]) -> None:
+    with torch.no_grad():
+        for buffer, value in saved:
+            buffer.copy_(value)
+
+
+@contextmanager
+def _mode(model: nn.Module, training: bool):
+    """The original in the mode of the graph being captured (this module's: the original's own flags may
+    have been set apart, as exporters set them), its own flags back afterwards."""
+    if model.training == training:
+        yield
+        return
+    flags = [(m, m.training) for m in model.modules()]
+    model.train(training)
+    try:
+        yield
+    finally:
+        for m, flag in flags:
+            m.training = flag
+
+
+@contextmanager
+def _untouched(model: nn.Module):
+    """A training capture and its check leave the original's buffers (batch-norm statistics) and the
+    random generators as they were: the first training call draws and updates what the original's would."""
+    saved, rng = _buffers(model), _rng_state()
+    try:
+        yield
+    finally:
+        _restore(saved)
+        _set_rng_state(rng)
+
+
+@contextmanager
+def _replayed(model: nn.Module):
+    """The check runs the original, then the graph, on the example: in train mode the graph must draw the
+    same dropout masks from the same generator state and start from the same statistics, so the
+    original's run is undone (generators and buffers) once it returned."""
+    state = {}
+
+    def before(module, args):
+        state["rng"], state["buffers"] = _rng_state(), _buffers(module)
+
+    def after(module, args, output):
+        _restore(state.pop("buffers"))
+        _set_rng_state(state.pop("rng"))
+
+    hooks = model.register_forward_pre_hook(before), model.register_forward_hook(after)
+    try:
+        yield
+    finally:
+        for hook in hooks:
+            hook.remove()
 
 
 def _drop_graph_keys(module: OptimizedModule, incompatible) -> None:

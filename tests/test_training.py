@@ -1,0 +1,189 @@
+"""Training through an optimized module: `opt.train()` runs a graph captured in train mode (dropout,
+stochastic depth, batch-norm statistics as the original's), `opt.eval()` the inference graph; each is
+captured once and reused, and gradients reach the original's parameters (shared, not copied)."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+from torch import nn
+
+import dittofx
+from dittofx.errors import PassSpecError
+from dittofx.models import zoo
+from dittofx.passes import ToMe
+
+timm = pytest.importorskip("timm")
+
+try:
+    from .passes.tome import reference as ref
+except ImportError:  # run as a plain file
+    from passes.tome import reference as ref
+
+
+def small_vit(drop: float = 0.1) -> nn.Module:
+    torch.manual_seed(0)
+    return timm.models.vision_transformer.VisionTransformer(
+        img_size=32, patch_size=8, embed_dim=32, depth=2, num_heads=2, num_classes=5,
+        drop_rate=drop, drop_path_rate=drop)
+
+
+class ConvBN(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(3, 8, 3, padding=1)
+        self.bn = nn.BatchNorm2d(8)
+        self.drop = nn.Dropout(0.2)
+        self.head = nn.Linear(8, 4)
+
+    def forward(self, x):
+        return self.head(self.drop(torch.relu(self.bn(self.conv(x))).mean((2, 3))))
+
+
+def small_bn() -> nn.Module:
+    torch.manual_seed(0)
+    return ConvBN()
+
+
+def assert_close(a: torch.Tensor, b: torch.Tensor, rel: float) -> None:
+    scale = max(a.abs().max().item(), 1e-12)
+    assert (a - b).abs().max().item() <= rel * scale, f"{(a - b).abs().max().item()} > {rel} * {scale}"
+
+
+def train_step(model, x, seed):
+    """Output and every parameter's gradient of one seeded forward + backward; grads cleared after."""
+    torch.manual_seed(seed)
+    y = model(x)
+    (y * torch.linspace(-1, 1, y.shape[-1])).sum().backward()
+    original = getattr(model, "original", model)  # an optimized module's parameters are the original's
+    grads = {n: p.grad.clone() for n, p in original.named_parameters() if p.grad is not None}
+    model.zero_grad(set_to_none=True)
+    return y.detach(), grads
+
+
+@pytest.mark.parametrize("make", [small_vit, small_bn], ids=["vit", "batchnorm"])
+def test_train_mode_matches_original(make):
+    model = make()
+    twin = copy.deepcopy(model).train()
+    opt = dittofx.optimize(model.eval(), [], (torch.randn(2, 3, 32, 32),))
+    assert not opt.training
+    opt.train()
+    assert opt.training and model.training
+    for seed in (1, 2):
+        x = torch.randn(3, 3, 32, 32)
+        got, got_grads = train_step(opt, x, seed)
+        want, want_grads = train_step(twin, x, seed)
+        assert_close(want, got, 1e-6)
+        assert set(got_grads) == set(want_grads) == {n for n, _ in twin.named_parameters()}
+        for name, g in want_grads.items():
+            assert_close(g, got_grads[name], 1e-6)
+        for (name, a), b in zip(twin.named_buffers(), model.buffers()):  # batch-norm statistics, updated alike
+            assert torch.allclose(a.float(), b.float(), rtol=1e-6, atol=1e-7), name
+    # the dropout draws matter: another seed gives another output (not a test that cannot fail)
+    torch.manual_seed(3)
+    other = opt(x)
+    assert not torch.allclose(other, got)
+
+
+@pytest.mark.parametrize("make", [small_vit, small_bn], ids=["vit", "batchnorm"])
+def test_switching_modes_captures_once_each(make):
+    model = make()
+    twin = copy.deepcopy(model)
+    opt = dittofx.optimize(model.eval(), [], (torch.randn(2, 3, 32, 32),))
+    x = torch.randn(4, 3, 32, 32)
+    for _ in range(2):
+        opt.train()
+        twin.train()
+        torch.manual_seed(5)
+        a = opt(x)
+        torch.manual_seed(5)
+        assert_close(twin(x), a, 1e-6)
+        opt.eval()
+        twin.eval()
+        assert not model.training
+        with torch.no_grad():
+            assert_close(twin(x), opt(x), 1e-5)
+    assert len(opt.variants) == 2
+    assert sorted(v.for_training for v in opt.variants) == [False, True]
+
+
+def test_capture_leaves_statistics_and_generator_alone():
+    """The training capture and its check run the model: they must not move the BN statistics or the
+    random generator (the first training call then draws what the original's would)."""
+    model = small_bn()
+    opt = dittofx.optimize(model.eval(), [], (torch.randn(2, 3, 32, 32),))
+    before = [b.clone() for b in model.buffers()]
+    torch.manual_seed(7)
+    state = torch.get_rng_state()
+    opt.train()
+    opt._variant((torch.randn(2, 3, 32, 32),), {})  # captures the training graph
+    torch.set_rng_state(state)  # the randn above drew from it
+    for a, b in zip(before, model.buffers()):
+        assert torch.equal(a, b)
+    assert [v.for_training for v in opt.variants] == [False, True]
+
+
+def test_sgd_over_opt_parameters_trains_the_original():
+    model = small_vit()
+    opt = dittofx.optimize(model.train(), [], (torch.randn(2, 3, 32, 32),))
+    assert opt.training
+    assert {id(p) for p in opt.parameters()} == {id(p) for p in model.parameters()}  # the original's, shared
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    sgd = torch.optim.SGD(opt.parameters(), lr=0.1)
+    torch.manual_seed(0)
+    opt(torch.randn(3, 3, 32, 32)).sum().backward()
+    sgd.step()
+    changed = [n for n, p in model.named_parameters() if not torch.equal(p, before[n])]
+    assert "head.weight" in changed and "blocks.0.attn.qkv.weight" in changed
+    # the optimized module computes with the updated weights: eval output equals the original's
+    opt.eval()
+    x = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        assert_close(model(x), opt(x), 1e-5)
+
+
+def test_tome_gradients_match_reference():
+    """ToMe(r=2) in train mode (drop rates 0): output and gradients equal the plain-PyTorch reference's."""
+    model = small_vit(drop=0.0)
+    twin = copy.deepcopy(model).train()
+    opt = dittofx.optimize(model.eval(), [ToMe(r=2)], (torch.randn(2, 3, 32, 32),))
+    opt.train()
+    x = torch.randn(3, 3, 32, 32)
+    got, got_grads = train_step(opt, x, 0)
+    reference = ref.timm_vit.__wrapped__  # the reference without its no_grad
+    torch.manual_seed(0)
+    y = reference(twin, x, [2, 2])
+    (y * torch.linspace(-1, 1, y.shape[-1])).sum().backward()
+    assert_close(y.detach(), got, 1e-5)
+    for name, p in twin.named_parameters():
+        if p.grad is not None:
+            assert_close(p.grad, got_grads[name], 1e-5)
+    assert set(got_grads) == {n for n, p in twin.named_parameters() if p.grad is not None}
+
+
+def test_unsupported_pass_in_train_mode_is_refused():
+    zm = zoo.build("cogvideox")
+    opt = dittofx.optimize(zm.model.eval(), ["pab"], zm.example_inputs, zm.example_kwargs, check=False)
+    with pytest.raises(PassSpecError, match="training with passes is not supported yet: pab"):
+        opt.train()
+    assert not opt.training and not zm.model.training
+
+
+def test_tome_with_dropout_is_checked_and_seeded():
+    """ToMe(r=2) in train mode with dropout and stochastic depth: the safety net (check=True) replays the
+    generator for the graph, and a call's draws follow the seed."""
+    model = small_vit(drop=0.1)
+    opt = dittofx.optimize(model.eval(), [ToMe(r=2)], (torch.randn(2, 3, 32, 32),))
+    opt.train()
+    x = torch.randn(3, 3, 32, 32)
+    outs = []
+    for seed in (1, 1, 2):
+        torch.manual_seed(seed)
+        outs.append(opt(x))
+    assert torch.equal(outs[0], outs[1]) and not torch.allclose(outs[0], outs[2])
+    outs[0].sum().backward()
+    assert all(p.grad is not None for p in model.blocks.parameters())
+    assert [v.for_training for v in opt.variants] == [False, True]
+    assert opt.report.passes == ["tome:r=2"] and not opt.report.unchanged
