@@ -202,10 +202,9 @@ def _before(metric: fx.Node, x: fx.Node) -> fx.Node:
     where that fails."""
     if metric is x:
         return x
-    order = {n: i for i, n in enumerate(x.graph.nodes)}
-    while order[metric] > order[x] and metric.target in _CASTS and isinstance(metric.args[0], fx.Node):
+    while metric > x and metric.target in _CASTS and isinstance(metric.args[0], fx.Node):  # graph order
         metric = metric.args[0]
-    return metric if order[metric] < order[x] else x
+    return metric if metric < x else x
 
 
 def _mask_follows(site: AttentionSite) -> bool:
@@ -410,8 +409,7 @@ def run_joint(tome, ctx, result) -> None:
         if not dynamic:
             make_token_sizes_dynamic(gm, amap, labels)
             dynamic = True
-        order = {n: k for k, n in enumerate(gm.graph.nodes)}
-        add = Inserter(max(p.x, p.metric, key=order.__getitem__), like=p.x)
+        add = Inserter(max(p.x, p.metric), like=p.x)  # the later of the two in the graph
         metric = add(segment, p.metric, p.metric_start, p.count)
         if use_rand and (frames == 1 or rows % sy == 0):  # frames stacked: the same sy x sx cells
             consts = destination_draws(gm, tome.seed).draw(add, metric, frames * rows, cols, sy, sx)

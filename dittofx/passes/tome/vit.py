@@ -189,13 +189,14 @@ def run_vit(tome: ToMe, ctx: PassContext, result: PassResult) -> None:
 def _after_fixed_positions(analysis, blocks, labels, result) -> list[Block]:
     """The blocks after the last attention over these tokens whose position tables cannot follow merged
     tokens (`positional_problem`): a merge before it would break it."""
-    order = {n: i for i, n in enumerate(blocks[0].stream.graph.nodes)} if blocks else {}
-    fixed = [s for s in analysis.sites if s.is_self and labels & set(s.seq_axis.labels) and positional_problem(s)]
+    fixed = [(s, why) for s in analysis.sites if s.is_self and labels & set(s.seq_axis.labels)
+             and (why := positional_problem(s))]
     if not fixed:
         return blocks
-    after = [b for b in blocks if order[b.stream] > order[fixed[-1].node]]
+    site, why = fixed[-1]
+    after = [b for b in blocks if b.stream > site.node]  # fx nodes compare by their order in the graph
     if len(after) < len(blocks):
-        result.note(None, f"tome: no merge before {fixed[-1].module}: {positional_problem(fixed[-1])}")
+        result.note(None, f"tome: no merge before {site.module}: {why}")
     return after
 
 
@@ -205,13 +206,12 @@ def _follow_positions(gm, analysis, labels, merges, unmerged, result) -> None:
     are the original ones again."""
     if not merges:
         return
-    order = {n: i for i, n in enumerate(gm.graph.nodes)}
     count = 0
     for site in analysis.sites:
         if not site.is_self or site.tokens <= 1 or not labels & set(site.seq_axis.labels):
             continue
-        before = [p for m, p in merges if order[m] < order[site.node]]
-        if not before or (unmerged and order[site.node] > order[merges[-1][0]]):
+        before = [p for m, p in merges if m < site.node]  # in graph order
+        if not before or (unmerged and site.node > merges[-1][0]):
             continue
         count += follow_tokens(gm, site, before[-1])
     if count:
@@ -225,9 +225,8 @@ def _unmerge_after(gm, block, merged, where, masks, result) -> None:
     end = block.mlp_residual if block.mlp_residual is not None else merged
     add = Inserter(end)
     reroute(end, add(unmerge, end, where), skip=add.nodes)
-    order = {n: i for i, n in enumerate(gm.graph.nodes)}
     for sdpa, mask in masks.items():
-        if order[sdpa] > order[end]:
+        if sdpa > end:  # in graph order
             set_arg(sdpa, "attn_mask", mask)
     result.note(block.name, f"tome: every token unmerged after {block.name} (unmerge_output)")
 
