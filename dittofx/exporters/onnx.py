@@ -363,6 +363,7 @@ def _translate(ep, tensors, opset, in_names, out_names):
                 program.optimize()  # what optimize=True runs: onnxscript's optimizer and fusions
                 _name_folded_constants(program.model.graph)
                 _restore_names(program.model.graph, in_names, out_names)
+                _drop_stack_traces(program.model.graph)
         except Exception as e:  # noqa: BLE001
             raise ExportError(f"torch.onnx could not translate the model to ONNX opset {opset}: {type(e).__name__}: "
                               f"{first_line(e)}") from None
@@ -521,6 +522,13 @@ def _restore_names(graph, in_names, out_names) -> None:
     for values, names in ((graph.inputs, in_names), (graph.outputs, out_names)):
         for value, name in zip(values, names or ()):
             value.name = name
+
+
+def _drop_stack_traces(graph) -> None:
+    """torch.onnx writes each node's Python stack trace into the file: a third of a small model's
+    bytes, with this machine's source paths in a file meant for deployment. Scopes and fx names stay."""
+    for node in graph.all_nodes():
+        node.metadata_props.pop("pkg.torch.onnx.stack_trace", None)
 
 
 def _name_folded_constants(graph) -> None:

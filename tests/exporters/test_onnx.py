@@ -54,6 +54,8 @@ def test_timm_vit_export_checks_and_runs_at_any_batch(vit, tmp_path):
     assert _dims(out)["x"] == ["batch", 3, 64, 64]
     assert result.trt_report.ok, str(result.trt_report)
     assert _leftovers(tmp_path) == []
+    # a deployable file: no stack traces with this machine's source paths (timm's, torch's)
+    assert os.path.dirname(torch.__file__).encode() not in out.read_bytes()
 
     runner = OnnxRuntimeRunner(out, threads=2)
     for batch in (1, 3):
