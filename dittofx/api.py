@@ -11,7 +11,7 @@ from torch import fx, nn
 from dittofx import _log, runtime, signature
 from dittofx.errors import DittoError, PassSpecError
 from dittofx.passes.base import Pass
-from dittofx.passes.exact import check_exact
+from dittofx.passes.exact import check_exact, rng_state, set_rng_state
 from dittofx.passes.manager import PassManager, check_order
 from dittofx.passes.spec import parse_passes
 from dittofx.report import Report
@@ -142,6 +142,7 @@ class OptimizedModule(nn.Module):
         self.compiled = compile
         self.check = check
         self.variants = nn.ModuleList()
+        self.__dict__["_learned"] = {}  # parameters the passes add (RLT's length embedding), by name: shared by every graph
         self.register_load_state_dict_post_hook(_drop_graph_keys)
         with EXPORT_LOCK:
             self._build(example_inputs, example_kwargs)
@@ -214,6 +215,7 @@ class OptimizedModule(nn.Module):
             cap = capture(self.original, args, kwargs, dynamic_batch=self.dynamic_batch)
             base = copy_module(cap.graph_module) if self.check else None
             gm, report = PassManager(self.passes).run(self.original, cap)
+            self._share_learned(gm)
             variant = _Variant(gm, cap, report, self.compiled, self.original, training)
             if base is not None:
                 with _log.stage("checking the rewritten model at its exact setting"), \
@@ -222,6 +224,26 @@ class OptimizedModule(nn.Module):
                     check_exact(self.original, self.passes, cap, base, gm, run)
         self.variants.append(variant)
         return variant
+
+    def _share_learned(self, gm: fx.GraphModule) -> None:
+        """The parameters a pass added to `gm` (not the original's) are one set for every graph: a graph
+        captured later (train mode, another input form) uses those the first one made, and trained."""
+        own = {id(p) for p in self.original.parameters()}
+        for name, param in list(gm.named_parameters()):
+            if id(param) in own:
+                continue
+            shared = self._learned.setdefault(name, param)
+            if shared.shape != param.shape:
+                raise PassSpecError(f"{name} of this call's graph has shape {tuple(param.shape)}, the one being "
+                                    f"trained {tuple(shared.shape)}: call with inputs of the first call's size")
+            owner, attr = gm.get_submodule(name.rpartition(".")[0]), name.rpartition(".")[2]
+            owner._parameters[attr] = shared
+
+    @property
+    def learned(self) -> dict[str, nn.Parameter]:
+        """The parameters the passes added, by name (`rlt.length_embedding`): in `parameters()`, and in
+        `state_dict()` under `dittofx.<name>`."""
+        return dict(self._learned)
 
     def _apply(self, fn, *args, **kwargs):
         """`.to()`, `.half()`, ...: the original's tensors and the graphs' (the same, shared); buffers
@@ -240,15 +262,34 @@ class OptimizedModule(nn.Module):
     # Checkpoints are the original's: its state_dict loads here, this one loads into it, and loaded
     # weights are what the next call computes with (the graphs share the original's tensors).
     def state_dict(self, *args, destination=None, prefix: str = "", keep_vars: bool = False):
-        """The original's state_dict (the same keys; the graphs' copies of its names are left out)."""
-        return self.original.state_dict(*args, destination=destination, prefix=prefix, keep_vars=keep_vars)
+        """The original's state_dict (the same keys; the graphs' copies of its names are left out), and the
+        passes' own parameters under `dittofx.<name>`."""
+        out = self.original.state_dict(*args, destination=destination, prefix=prefix, keep_vars=keep_vars)
+        for name, param in self._learned.items():
+            out[f"{prefix}{LEARNED}{name}"] = param if keep_vars else param.detach()
+        return out
 
     def load_state_dict(self, state_dict, strict: bool = True, assign: bool = False):
-        """Load into the original (its keys); the next call computes with the loaded weights, none of
-        what stateful passes kept from the old ones (PAB's caches: a new generation)."""
+        """Load into the original (its keys) and the passes' parameters (`dittofx.<name>`; an original's
+        checkpoint, without them, leaves them as they are); the next call computes with the loaded
+        weights, none of what stateful passes kept from the old ones (PAB's caches: a new generation)."""
+        state_dict = self._load_learned(state_dict, "")
         result = self.original.load_state_dict(state_dict, strict=strict, assign=assign)
         self._loaded()
         return result
+
+    def _load_learned(self, state_dict, prefix: str) -> dict:
+        """Copy the passes' parameters out of `state_dict`; the rest, for the original (keys of
+        parameters no pass made stay, so that a strict load names them)."""
+        rest = {}
+        for key, value in state_dict.items():
+            name = key[len(prefix) + len(LEARNED):] if key.startswith(prefix + LEARNED) else None
+            if name in self._learned:
+                with torch.no_grad():
+                    self._learned[name].copy_(value)
+            else:
+                rest[key] = value
+        return rest
 
     def _loaded(self) -> None:
         self._rebind()
@@ -257,7 +298,7 @@ class OptimizedModule(nn.Module):
     def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
                               error_msgs):
         """Inside a parent's load_state_dict: the keys under `prefix` are the original's (see state_dict)."""
-        own = {k[len(prefix):]: v for k, v in state_dict.items() if k.startswith(prefix)}
+        own = {k[len(prefix):]: v for k, v in self._load_learned(state_dict, prefix).items() if k.startswith(prefix)}
         result = self.original.load_state_dict(own, strict=False,
                                                assign=local_metadata.get("assign_to_params_buffers", False))
         missing_keys.extend(prefix + k for k in result.missing_keys)
@@ -303,27 +344,19 @@ class OptimizedModule(nn.Module):
         return f"model={type(self.original).__name__}, passes=[{', '.join(p.spec() for p in self.passes)}]"
 
 
+LEARNED = "dittofx."  # state_dict prefix of the passes' own parameters
+
+
 def _check_trainable(passes: list[Pass]) -> None:
-    """PassSpecError (one line) unless every pass may run in a training graph: for now the attention's
-    canonical form and ToMe in ViT mode (merging for good, as the paper trains), whose gradients are
-    checked against a reference."""
-    refused = [p.spec() for p in passes
-               if not (p.name == "sdpa" or (p.name == "tome" and getattr(p, "ratio", None) is None))]
+    """PassSpecError (one line) unless every pass may run in a training graph: the attention's canonical
+    form, ToMe in ViT mode (merging for good, as the paper trains) and RLT (as its paper fine-tunes),
+    whose gradients are checked against references. Not PAB (its caches skip the backward of whole
+    steps) nor ToMe(ratio), diffusion mode."""
+    refused = [p.spec() for p in passes if not (p.name in ("sdpa", "rlt") or
+                                                (p.name == "tome" and getattr(p, "ratio", None) is None))]
     if refused:
-        raise PassSpecError(f"training with passes is not supported yet: {', '.join(refused)} (supported in train "
-                            f"mode: no passes, sdpa, or tome with r, ViT mode); optimize without them to train")
-
-
-def _rng_state() -> tuple:
-    cuda = torch.cuda.get_rng_state_all() if torch.cuda.is_available() and torch.cuda.is_initialized() else None
-    return torch.get_rng_state(), cuda
-
-
-def _set_rng_state(state: tuple) -> None:
-    cpu, cuda = state
-    torch.set_rng_state(cpu)
-    if cuda is not None:
-        torch.cuda.set_rng_state_all(cuda)
+        raise PassSpecError(f"training with {', '.join(refused)} is not supported (train mode supports no passes, "
+                            f"sdpa, rlt, and tome with r, ViT mode); optimize without them to train")
 
 
 def _buffers(model: nn.Module) -> list[tuple[torch.Tensor, torch.Tensor]]:
@@ -356,12 +389,12 @@ def _mode(model: nn.Module, training: bool):
 def _untouched(model: nn.Module):
     """A training capture and its check leave the original's buffers (batch-norm statistics) and the
     random generators as they were: the first training call draws and updates what the original's would."""
-    saved, rng = _buffers(model), _rng_state()
+    saved, rng = _buffers(model), rng_state()
     try:
         yield
     finally:
         _restore(saved)
-        _set_rng_state(rng)
+        set_rng_state(rng)
 
 
 @contextmanager
@@ -372,11 +405,11 @@ def _replayed(model: nn.Module):
     state = {}
 
     def before(module, args):
-        state["rng"], state["buffers"] = _rng_state(), _buffers(module)
+        state["rng"], state["buffers"] = rng_state(), _buffers(module)
 
     def after(module, args, output):
         _restore(state.pop("buffers"))
-        _set_rng_state(state.pop("rng"))
+        set_rng_state(state.pop("rng"))
 
     hooks = model.register_forward_pre_hook(before), model.register_forward_hook(after)
     try:

@@ -13,13 +13,15 @@ from torch import nn
 import dittofx
 from dittofx.errors import PassSpecError
 from dittofx.models import zoo
-from dittofx.passes import ToMe
+from dittofx.passes import RLT, ToMe
 
 timm = pytest.importorskip("timm")
 
 try:
+    from .passes.rlt.test_rlt import P, TS, clips, reference_keep, reference_lengths
     from .passes.tome import reference as ref
 except ImportError:  # run as a plain file
+    from passes.rlt.test_rlt import P, TS, clips, reference_keep, reference_lengths
     from passes.tome import reference as ref
 
 
@@ -166,7 +168,7 @@ def test_tome_gradients_match_reference():
 def test_unsupported_pass_in_train_mode_is_refused():
     zm = zoo.build("cogvideox")
     opt = dittofx.optimize(zm.model.eval(), ["pab"], zm.example_inputs, zm.example_kwargs, check=False)
-    with pytest.raises(PassSpecError, match="training with passes is not supported yet: pab"):
+    with pytest.raises(PassSpecError, match="training with pab.* is not supported"):
         opt.train()
     assert not opt.training and not zm.model.training
 
@@ -187,3 +189,108 @@ def test_tome_with_dropout_is_checked_and_seeded():
     assert all(p.grad is not None for p in model.blocks.parameters())
     assert [v.for_training for v in opt.variants] == [False, True]
     assert opt.report.passes == ["tome:r=2"] and not opt.report.unchanged
+
+
+# -- RLT ------------------------------------------------------------------------------------------
+
+
+def videomae(dropout: float = 0.0) -> nn.Module:
+    from transformers import VideoMAEConfig, VideoMAEForVideoClassification
+
+    torch.manual_seed(0)
+    return VideoMAEForVideoClassification(VideoMAEConfig(
+        hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=64, image_size=32,
+        patch_size=P, num_frames=8, tubelet_size=TS, num_labels=5, hidden_dropout_prob=dropout,
+        attention_probs_dropout_prob=dropout))
+
+
+def clip_loss(model, clip, keep, table, label):
+    """Cross-entropy of one clip run alone on its kept tokens, plus the length table's rows (the
+    paper's RLT, plain PyTorch, with gradients)."""
+    emb = model.videomae.embeddings
+    x = (emb.patch_embeddings(clip[None]) + emb.position_embeddings)[:, keep.flatten()]
+    x = x + table[torch.tensor(reference_lengths(keep)) - 1]
+    for layer in model.videomae.encoder.layer:
+        x = layer(x)
+    logits = model.classifier(model.fc_norm(x.mean(1)))
+    return nn.functional.cross_entropy(logits, label[None], reduction="sum")
+
+
+@pytest.mark.parametrize("layout", ["packed", "padded"])
+def test_rlt_gradients_equal_each_clip_alone(layout):
+    """Clips keeping 28, 16 and 64 tokens, packed (block-diagonal attention, per-clip pooling) or padded:
+    the loss and every gradient, the length embedding's included, equal those of each clip run alone."""
+    model = videomae()
+    twin = copy.deepcopy(model).train()
+    x = clips(["partial", "static", "noise"], seed=7)
+    x[0, 4:] = x[0, 4:].flip(-1)  # a cut: runs of several lengths
+    labels = torch.tensor([1, 3, 4])
+    opt = dittofx.optimize(model.eval(), [RLT(length_embedding=True, layout=layout)], (x,)).train()
+    table = opt.learned["rlt.length_embedding"]
+    assert table.shape == (4, 32) and not table.any() and table.requires_grad  # zero-initialised
+    assert any(p is table for p in opt.parameters())
+    with torch.no_grad():
+        table.copy_(torch.randn(4, 32, generator=torch.Generator().manual_seed(1)))
+    ref_table = table.detach().clone().requires_grad_()
+
+    loss = nn.functional.cross_entropy(opt(x).logits, labels, reduction="sum")
+    loss.backward()
+    keeps = [reference_keep(c, TS, P, 0.1) for c in x]
+    kept = [int(k.sum()) for k in keeps]
+    assert kept == opt.report.stats["rlt"].kept and len(set(kept)) > 1
+    want = sum(clip_loss(twin, c, k, ref_table, y) for c, k, y in zip(x, keeps, labels))
+    want.backward()
+    assert_close(want.detach(), loss.detach(), 1e-5)
+    assert_close(ref_table.grad, table.grad, 1e-5)
+    assert ref_table.grad.abs().sum() > 0
+    grads = {n: p.grad for n, p in model.named_parameters() if p.grad is not None}
+    for name, p in twin.named_parameters():
+        if p.grad is not None:
+            assert_close(p.grad, grads[name], 1e-5)
+    assert set(grads) == {n for n, p in twin.named_parameters() if p.grad is not None}
+
+
+def test_length_embedding_trains_saves_and_loads():
+    """One embedding for every graph (the eval graph reads what training learned), in state_dict under
+    `dittofx.rlt.length_embedding`, loaded back; an original's checkpoint leaves it as it is."""
+    model = videomae()
+    x = clips(["partial", "static"], seed=3)
+    opt = dittofx.optimize(model.eval(), [RLT(length_embedding=True)], (x,)).train()
+    adam = torch.optim.AdamW(opt.parameters(), lr=1e-2)
+    for _ in range(2):
+        nn.functional.cross_entropy(opt(x).logits, torch.tensor([0, 1])).backward()
+        adam.step()
+        adam.zero_grad()
+    opt.eval()
+    table = opt.learned["rlt.length_embedding"]
+    assert table.abs().sum() > 0 and len(opt.variants) == 2
+    assert all(v.gm.rlt.length_embedding is table for v in opt.variants)
+    state = opt.state_dict()
+    assert set(state) == set(model.state_dict()) | {"dittofx.rlt.length_embedding"}
+    with torch.no_grad():
+        out = opt(x).logits
+
+    fresh = dittofx.optimize(videomae().eval(), [RLT(length_embedding=True)], (x,))
+    fresh.load_state_dict(state)
+    assert torch.equal(fresh.learned["rlt.length_embedding"], table)
+    with torch.no_grad():
+        assert torch.equal(fresh(x).logits, out)
+    fresh.load_state_dict(videomae().state_dict())  # the original's checkpoint: the embedding stays
+    assert torch.equal(fresh.learned["rlt.length_embedding"], table)
+    holder = nn.Sequential(fresh)  # inside a parent module, under its prefix
+    assert "0.dittofx.rlt.length_embedding" in holder.state_dict()
+    holder.load_state_dict({**holder.state_dict(), "0.dittofx.rlt.length_embedding": torch.zeros(4, 32)})
+    assert not fresh.learned["rlt.length_embedding"].any()
+
+
+def test_rlt_with_dropout_is_checked_and_seeded():
+    model = videomae(dropout=0.1)
+    x = clips(["partial", "static", "noise"], seed=2)
+    opt = dittofx.optimize(model.eval(), [RLT()], (x,)).train()
+    outs = []
+    for seed in (1, 1, 2):
+        torch.manual_seed(seed)
+        outs.append(opt(x).logits)
+    assert torch.equal(outs[0], outs[1]) and not torch.allclose(outs[0], outs[2])
+    outs[0].sum().backward()
+    assert all(p.grad is not None for p in model.videomae.encoder.parameters())

@@ -62,6 +62,7 @@ def check_exact(model: torch.nn.Module, passes: list[Pass], cap: Capture, base: 
     args, kwargs = cap.example_inputs, cap.example_kwargs
     with torch.no_grad():
         reference = model(*args, **kwargs)
+    start = rng_state()  # in train mode, every graph run draws the masks the original's run drew
     exact = [p.exact() for p in passes]
 
     def rewrite(prefix: list[Pass]) -> fx.GraphModule:
@@ -69,9 +70,11 @@ def check_exact(model: torch.nn.Module, passes: list[Pass], cap: Capture, base: 
         return gm
 
     def outputs(gm: fx.GraphModule, runner=None):
+        runner = runner or runtime.make_runner(gm, False)
+        set_rng_state(start)  # after making the runner, which may draw (a module's initialisation)
         try:
             with torch.no_grad():
-                return (runner or runtime.make_runner(gm, False))(*args, **kwargs)
+                return runner(*args, **kwargs)
         finally:
             runtime.reset(gm)
 
@@ -102,6 +105,18 @@ def check_exact(model: torch.nn.Module, passes: list[Pass], cap: Capture, base: 
         f"{what} by {d:.3g} (max |diff|, {tol:.1g} allowed){where}. dittofx refuses rather than return a module "
         f"that computes something else: please report this model to the dittofx developers "
         f"(optimize(..., check=False) skips this check)")
+
+
+def rng_state() -> tuple:
+    cuda = torch.cuda.get_rng_state_all() if torch.cuda.is_available() and torch.cuda.is_initialized() else None
+    return torch.get_rng_state(), cuda
+
+
+def set_rng_state(state: tuple) -> None:
+    cpu, cuda = state
+    torch.set_rng_state(cpu)
+    if cuda is not None:
+        torch.cuda.set_rng_state_all(cuda)
 
 
 def _first_block_differing(base: fx.GraphModule, gm: fx.GraphModule, cap: Capture) -> str | None:
