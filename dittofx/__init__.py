@@ -21,6 +21,7 @@ __version__ = "0.2.0"
 
 _LAZY = {
     "optimize": "dittofx.api",
+    "compile": "dittofx.api",
     "OptimizedModule": "dittofx.api",
     "export_onnx": "dittofx.exporters.onnx",
     "DittoError": "dittofx.errors",

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 from contextlib import contextmanager, nullcontext
 from itertools import chain
 
@@ -49,6 +50,16 @@ def optimize(model: nn.Module, passes=(), example_inputs=None, example_kwargs=No
         example_inputs = (example_inputs,)
     return OptimizedModule(model, pass_list, tuple(example_inputs or ()), dict(example_kwargs or {}),
                            dynamic_batch=dynamic_batch, compile=compile, check=check)
+
+
+def compile(fn, **options):
+    """`torch.compile(fn, **options)` for a function that calls optimized modules (a training step:
+    forward, loss, backward, optimizer), with what their graphs need: RLT's kept-token count is a size
+    known only at run time (aten.nonzero), which torch.compile otherwise leaves to eager Python, breaking
+    the graph at the tokenizer. (`optimize(..., compile=True)` and `torch.compile(fullgraph=True)` of a
+    module need nothing more.)"""
+    compiled = torch.compile(fn, **options)
+    return functools.wraps(fn)(torch._dynamo.config.patch(capture_dynamic_output_shape_ops=True)(compiled))
 
 
 class _Variant(nn.Module):
@@ -200,6 +211,10 @@ class OptimizedModule(nn.Module):
         for variant in tuple(self.variants):  # a snapshot: another thread may append meanwhile
             if variant.matches(args, kwargs, training):
                 return variant
+        return self._new_variant(args, kwargs, training)
+
+    @torch.compiler.disable  # a caller being compiled: built eagerly, a graph break on the first call only
+    def _new_variant(self, args: tuple, kwargs: dict, training: bool) -> _Variant:
         # One build at a time in the process: torch.export patches process-wide state, and the check
         # runs the original, whose weights another thread's export swaps for fakes (rewriter/quiet.py).
         with EXPORT_LOCK:
