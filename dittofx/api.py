@@ -260,6 +260,13 @@ class OptimizedModule(nn.Module):
         `state_dict()` under `dittofx.<name>`."""
         return dict(self._learned)
 
+    def named_parameters(self, prefix: str = "", recurse: bool = True, remove_duplicate: bool = True):
+        """Named as in `state_dict()`: the original's names (the graphs read those tensors), then the
+        passes' own under `dittofx.<name>` (what `parameters()` and an optimizer over it see)."""
+        yield from self.original.named_parameters(prefix=prefix, recurse=recurse, remove_duplicate=remove_duplicate)
+        for name, param in self._learned.items():
+            yield f"{prefix}{LEARNED}{name}", param
+
     def _apply(self, fn, *args, **kwargs):
         """`.to()`, `.half()`, ...: the original's tensors and the graphs' (the same, shared); buffers
         come back as new tensors, which the graphs are pointed at again, and eager programs, which read

@@ -268,6 +268,9 @@ def test_length_embedding_trains_saves_and_loads():
     assert all(v.gm.rlt.length_embedding is table for v in opt.variants)
     state = opt.state_dict()
     assert set(state) == set(model.state_dict()) | {"dittofx.rlt.length_embedding"}
+    names = [n for n, _ in opt.named_parameters()]
+    assert names == [n for n, _ in model.named_parameters()] + ["dittofx.rlt.length_embedding"]
+    assert [id(p) for _, p in opt.named_parameters()] == [id(p) for p in opt.parameters()]
     with torch.no_grad():
         out = opt(x).logits
 
