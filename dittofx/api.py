@@ -153,7 +153,7 @@ class OptimizedModule(nn.Module):
         self.compiled = compile
         self.check = check
         self.variants = nn.ModuleList()
-        self.__dict__["_learned"] = {}  # parameters the passes add (RLT's length embedding), by name: shared by every graph
+        self.__dict__["_learned"] = {}  # parameters the passes add, by name: shared by every graph
         self.register_load_state_dict_post_hook(_drop_graph_keys)
         with EXPORT_LOCK:
             self._build(example_inputs, example_kwargs)

@@ -17,6 +17,12 @@ CASES = {
     "hf_vit_tome.py": (["tome"], ["tome: merged 8 tokens", "ToMe r=8 vs untouched: cosine"], False),
     "diffusers_dit_pab.py": (["pab"], ["timestep input 'timestep'", "PAB vs untouched over 10 steps: PSNR"], False),
     "videomae_rlt_tome.py": (["rlt", "tome"], ["rlt:tau=0.1: cosine", "RLT kept", "tome:r=4"], False),
+    "videomae_rlt_finetune.py": (["rlt"], ["(the labels)", "step 8/8  RLT: loss", "kept", "(stride 1 ",
+                                           "RLT loss: first", "(down)", "time per training step: RLT speed-up",
+                                           "length embedding (4, 32)"], False),
+    "timm_vit_tome_train.py": (["tome"], ["tokens entering each block [65, 57, 49, 41]", "step 8/8  ToMe r=8: loss",
+                                          "ToMe loss: first", "(down)", "time per training step: ToMe speed-up",
+                                          "same prediction"], False),
 }
 # tensorrt_engine.py: test_tensorrt_example below (its output depends on what the machine has)
 

@@ -19,10 +19,10 @@ from dittofx.passes import RLT, ToMe
 timm = pytest.importorskip("timm")
 
 try:
-    from .passes.rlt.test_rlt import P, TS, clips, reference_keep, reference_lengths
+    from .passes.rlt.test_rlt import TS, P, clips, reference_keep, reference_lengths
     from .passes.tome import reference as ref
 except ImportError:  # run as a plain file
-    from passes.rlt.test_rlt import P, TS, clips, reference_keep, reference_lengths
+    from passes.rlt.test_rlt import TS, P, clips, reference_keep, reference_lengths
     from passes.tome import reference as ref
 
 
