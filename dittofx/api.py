@@ -262,7 +262,12 @@ class OptimizedModule(nn.Module):
 
     def named_parameters(self, prefix: str = "", recurse: bool = True, remove_duplicate: bool = True):
         """Named as in `state_dict()`: the original's names (the graphs read those tensors), then the
-        passes' own under `dittofx.<name>` (what `parameters()` and an optimizer over it see)."""
+        passes' own under `dittofx.<name>` (what `parameters()` and an optimizer over it see). With
+        `remove_duplicate=False`, every path of the module tree, the graphs' included (torch.export
+        looks a graph's parameters up by those)."""
+        if not remove_duplicate:
+            yield from super().named_parameters(prefix=prefix, recurse=recurse, remove_duplicate=False)
+            return
         yield from self.original.named_parameters(prefix=prefix, recurse=recurse, remove_duplicate=remove_duplicate)
         for name, param in self._learned.items():
             yield f"{prefix}{LEARNED}{name}", param
