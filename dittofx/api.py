@@ -333,7 +333,8 @@ class OptimizedModule(nn.Module):
         self.__dict__["_loading_prefix"] = prefix
 
     def reset(self) -> None:
-        """Reset the state of stateful passes (e.g. PAB's caches) in every captured graph."""
+        """Every captured graph as before its first call: PAB's caches dropped, ToMe(use_rand)'s draws
+        started again (the same destinations as the first calls, with a seed)."""
         for variant in self.variants:
             runtime.reset(variant.gm)
 

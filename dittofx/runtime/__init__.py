@@ -5,7 +5,9 @@ The contract. A pass whose graph keeps state between calls (PAB's caches) puts a
 it. That one fact answers every question the API, the exporters and the CLI ask of a graph:
 
     is_stateful(gm)            can it be exported as one stateless model? (no: export_onnx refuses)
-    reset(gm)                  drop the state (OptimizedModule.reset)
+    reset(gm)                  drop the state (OptimizedModule.reset), and start again the sequences of
+                               `SequenceState` modules (ToMe's use_rand generator), which are not state
+                               a caller or runner deals with
     make_runner(gm, compiled)  what a call runs: the stateful module's own runner, torch.compile, or
                                an eager program (runtime/eager.py)
 
@@ -18,6 +20,7 @@ Runners of exported models (`OnnxRuntimeRunner`, `OnnxPABRunner`, `TensorRTRunne
 
 from dittofx.runtime.stateful import (  # noqa: F401 - the contract, used by the API, exporters and CLI
     Recorder,
+    SequenceState,
     StatefulModule,
     is_stateful,
     make_runner,

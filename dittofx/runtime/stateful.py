@@ -70,6 +70,15 @@ class StatefulModule(nn.Module):
         return None
 
 
+class SequenceState(nn.Module):
+    """State that follows the sequence of calls but that neither the caller nor a runner needs to know
+    of (ToMe's use_rand generator): the graph is not stateful for exporters and runners, and `reset()`
+    (`opt.reset()`) starts its sequence again."""
+
+    def reset(self) -> None:
+        raise NotImplementedError
+
+
 def stateful_modules(gm: nn.Module) -> list[StatefulModule]:
     return [m for m in gm.modules() if isinstance(m, StatefulModule)]
 
@@ -79,8 +88,10 @@ def is_stateful(gm: nn.Module) -> bool:
 
 
 def reset(gm: nn.Module) -> None:
-    for m in stateful_modules(gm):
-        m.reset()
+    """As before the first call: every stateful module's state and every sequence's."""
+    for m in gm.modules():
+        if isinstance(m, (StatefulModule, SequenceState)):
+            m.reset()
 
 
 def _targets(holders) -> list:

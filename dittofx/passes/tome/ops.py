@@ -13,11 +13,11 @@ import itertools
 import weakref
 
 import torch
-from torch import fx, nn
+from torch import fx
 
 from dittofx.errors import PassSpecError
 from dittofx.rewriter import axes as ax
-from dittofx.runtime import Recorder
+from dittofx.runtime import Recorder, SequenceState
 
 Tensor = torch.Tensor
 
@@ -195,7 +195,7 @@ _DRAWS: dict[int, weakref.ref] = {}
 _keys = itertools.count()
 
 
-class DestinationDraws(nn.Module):
+class DestinationDraws(SequenceState):
     """The generator of the destinations drawn on every call (`ToMe(use_rand=True)`), as tomesd's.
 
     tomesd makes its generator at its first merge: a fork of the global RNG of the tokens' device

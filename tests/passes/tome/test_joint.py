@@ -205,3 +205,5 @@ def test_use_rand_draws_destinations_on_every_call():
         first, second = opt(x, text)[0], opt(x, text)[0]
         assert (first - second).abs().max() > 1e-4  # new destinations each call
         torch.testing.assert_close(opt(x[:1], text[:1])[0], fixed(x[:1], text[:1])[0])  # odd batch: top-left
+        opt.reset()  # the draws start again: with a seed, the first call's destinations
+        assert torch.equal(opt(x, text)[0], first) and torch.equal(opt(x, text)[0], second)
