@@ -171,6 +171,12 @@ class OptimizedModule(nn.Module):
         return self.variants[-1].gm
 
     @property
+    def comm_stats(self):
+        """What the sequence-parallel pass's collectives moved on this rank, per call and in total (a
+        `dittofx.runtime.sp.CommStats`, shared by every input form), or None without the sp pass."""
+        return next((p.stats for p in self.passes if p.name == "sp"), None)
+
+    @property
     def stateful(self) -> bool:
         """Does the rewritten graph keep state between calls (PAB's caches)? `reset()` drops it."""
         return runtime.is_stateful(self.graph_module)

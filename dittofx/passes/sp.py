@@ -37,7 +37,7 @@ from torch import fx
 from dittofx.errors import PassSpecError, UnsupportedModelError
 from dittofx.passes.base import Pass, PassContext, PassResult, shown
 from dittofx.rewriter import axes as ax
-from dittofx.rewriter.analysis import Analysis, Block
+from dittofx.rewriter.analysis import Analysis, Block, pin_sites
 from dittofx.rewriter.edit import arg
 from dittofx.rewriter.shard import Fallback, Sharder, Split, Unsplittable
 from dittofx.runtime import sp as rt
@@ -68,6 +68,9 @@ class SequenceParallel(Pass):
     def __post_init__(self):
         if self.method not in METHODS:
             raise PassSpecError(f"sp: method must be one of {', '.join(METHODS)}, got {self.method!r}")
+        # what every graph this pass makes communicates (one optimized model's input forms share it):
+        # `opt.comm_stats`, the report's stats
+        self.stats = rt.CommStats()
 
     def check(self, analysis: Analysis, block: Block) -> str | None:
         if not any(s.is_self for s in block.sites):
@@ -97,8 +100,9 @@ class SequenceParallel(Pass):
                 f"sp: no token axis of the patch grid found in {type(ctx.model).__name__} to split between ranks "
                 f"(sequence parallelism needs a model whose attention runs over patch tokens)")
         node, dim = start
+        pin_sites(analysis)
         size = ax.shape_of(node)[dim]
-        key = rt.register(self.group, rank, world)
+        key = rt.register(self.group, rank, world, self.stats)
         counts = {"ulysses": 0, "allgather": 0, "local": 0, "cross": 0, "gathered": 0}
         sharder = Sharder(gm, key, rank, world, lambda sh, n: self._attention(sh, n, counts))
         sharder.split_at(node, Split(dim, ((1, size, 1),)))
@@ -149,13 +153,11 @@ class SequenceParallel(Pass):
         ulysses = self.method == "ulysses" and rank == 4 and mask is None and heads % sh.world == 0 \
             and kv_heads % sh.world == 0
         if ulysses:
-            q_sizes = tuple(sq.local(r, sh.world) for r in range(sh.world))
-            kv_sizes = tuple(sk.local(r, sh.world) for r in range(sh.world))
-            for x, sizes in ((q, q_sizes), (k, kv_sizes), (v, kv_sizes)):
-                swapped = sh.call_before(node, rt.seq_to_heads, (x, sh.ctx, sizes), sh.shape[x])
+            for x, split in ((q, sq), (k, sk), (v, sk)):
+                swapped = sh.call_before(node, rt.seq_to_heads, (x, sh.ctx, split.segments), sh.shape[x])
                 node.replace_input_with(x, swapped)
             users = list(node.users)
-            back = sh.call_after(node, rt.heads_to_seq, (node, sh.ctx, q_sizes), sh.shape[node])
+            back = sh.call_after(node, rt.heads_to_seq, (node, sh.ctx, sq.segments), sh.shape[node])
             for u in users:
                 u.replace_input_with(node, back)
             sh.state[back] = sq

@@ -6,8 +6,8 @@ functions of this module (call_function nodes, so the graph stays readable and f
 
     local_slice(x, ctx, dim, segments)       this rank's chunk of a replicated tensor (no communication)
     gather(x, ctx, dim, segments)            every rank's chunk, in the global token order (all_gather)
-    seq_to_heads(x, ctx, sizes)              Ulysses: (B, H, N_local, d) -> (B, H/W, N, d) (all_to_all)
-    heads_to_seq(x, ctx, sizes)              its inverse, after the attention (all_to_all)
+    seq_to_heads(x, ctx, segments)           Ulysses: (B, H, N_local, d) -> (B, H/W, N, d) (all_to_all)
+    heads_to_seq(x, ctx, segments)           its inverse, after the attention (all_to_all)
 
 `segments` describe the split axis as a concatenation of segments (outer, n, inner), each of global
 size outer * n * inner with its `n` factor cut between the ranks as `torch.tensor_split` cuts n (189
@@ -114,9 +114,11 @@ _CONTEXTS: dict[int, Context] = {}
 _ids = itertools.count()
 
 
-def register(group, rank: int, world: int) -> int:
+def register(group, rank: int, world: int, stats: CommStats | None = None) -> int:
+    """A context for one rewritten graph; `stats`: counters it shares (every graph of one pass object,
+    i.e. every input form of one optimized model, counts into the same)."""
     key = next(_ids)
-    _CONTEXTS[key] = Context(group, rank, world)
+    _CONTEXTS[key] = Context(group, rank, world, stats if stats is not None else CommStats())
     return key
 
 
@@ -145,21 +147,41 @@ def _segment_view(x: torch.Tensor, dim: int, start: int, seg: tuple[int, int, in
     return part.reshape(*part.shape[:dim], outer, size // (outer * inner), inner, *part.shape[dim + 1:])
 
 
+def _chunk_of(x: torch.Tensor, dim: int, segments: Segments, rank: int, world: int) -> torch.Tensor:
+    """Rank `rank`'s chunk of a whole axis `dim` laid out as `segments`."""
+    pieces, start = [], 0
+    for seg in segments:
+        outer, n, inner = seg
+        size = outer * n * inner
+        v = _segment_view(x, dim, start, seg, size).narrow(dim + 1, chunk_start(n, rank, world), chunk(n, rank, world))
+        pieces.append(v.reshape(*x.shape[:dim], -1, *x.shape[dim + 1:]))
+        start += size
+    return pieces[0] if len(pieces) == 1 else torch.cat(pieces, dim)
+
+
+def _assemble(parts: list[torch.Tensor], dim: int, segments: Segments, world: int) -> torch.Tensor:
+    """The whole axis `dim`, in the global order, from every rank's chunk (parts[r] is rank r's)."""
+    starts = [0] * world
+    result = []
+    for seg in segments:
+        outer, n, inner = seg
+        pieces = []
+        for r, p in enumerate(parts):
+            size = outer * chunk(n, r, world) * inner
+            pieces.append(_segment_view(p, dim, starts[r], seg, size))
+            starts[r] += size
+        joined = torch.cat(pieces, dim + 1)  # the ranks' pieces side by side along the n factor
+        result.append(joined.reshape(*joined.shape[:dim], -1, *joined.shape[dim + 3:]))
+    return result[0] if len(result) == 1 else torch.cat(result, dim)
+
+
 def local_slice(x: torch.Tensor, ctx: int, dim: int, segments: Segments, begin: bool = False) -> torch.Tensor:
     """This rank's chunk of a replicated tensor whose axis `dim` is laid out as `segments`. `begin`:
     this is where a forward call's tokens are split (the counters start a new call)."""
     c = context(ctx)
     if begin and not _fake(x):
         c.stats.begin()
-    pieces, start = [], 0
-    for seg in segments:
-        outer, n, inner = seg
-        size = outer * n * inner
-        v = _segment_view(x, dim, start, seg, size)
-        v = v.narrow(dim + 1, chunk_start(n, c.rank, c.world), chunk(n, c.rank, c.world))
-        pieces.append(v.reshape(*x.shape[:dim], -1, *x.shape[dim + 1:]))
-        start += size
-    return pieces[0] if len(pieces) == 1 else torch.cat(pieces, dim)
+    return _chunk_of(x, dim, segments, c.rank, c.world)
 
 
 def gather(x: torch.Tensor, ctx: int, dim: int, segments: Segments) -> torch.Tensor:
@@ -181,21 +203,7 @@ def gather(x: torch.Tensor, ctx: int, dim: int, segments: Segments) -> torch.Ten
     bufs = [torch.empty_like(padded) for _ in range(c.world)]
     dist.all_gather(bufs, padded.contiguous(), group=c.group)
     c.stats.record("all_gather", _bytes(padded) * (c.world - 1))
-    parts = [b.narrow(dim, 0, s) for b, s in zip(bufs, sizes)]
-    out, starts = [], [0] * c.world
-    for seg in segments:
-        outer, n, inner = seg
-        for r, p in enumerate(parts):
-            size = outer * chunk(n, r, c.world) * inner
-            out.append(_segment_view(p, dim, starts[r], seg, size))
-            starts[r] += size
-    # per segment: the ranks' pieces side by side along the n factor, then back to one axis
-    result = []
-    for k in range(0, len(out), c.world):
-        pieces = out[k:k + c.world]
-        joined = torch.cat(pieces, dim + 1)
-        result.append(joined.reshape(*x.shape[:dim], -1, *x.shape[dim + 1:]))
-    return result[0] if len(result) == 1 else torch.cat(result, dim)
+    return _assemble([b.narrow(dim, 0, s) for b, s in zip(bufs, sizes)], dim, segments, c.world)
 
 
 def _all_to_all(c: Context, send: list[torch.Tensor], recv_shapes: list[tuple], like: torch.Tensor) -> list:
@@ -210,27 +218,29 @@ def _all_to_all(c: Context, send: list[torch.Tensor], recv_shapes: list[tuple], 
     return [p.reshape(s) for p, s in zip(flat_out.split(out_sizes), recv_shapes)]
 
 
-def seq_to_heads(x: torch.Tensor, ctx: int, sizes: tuple[int, ...]) -> torch.Tensor:
+def seq_to_heads(x: torch.Tensor, ctx: int, segments: Segments) -> torch.Tensor:
     """Ulysses, before attention: (B, H, N_local, d) split along tokens -> (B, H/W, N, d) split along
-    heads, tokens in rank order (every rank's chunk, one after another). `sizes`: N_local per rank."""
+    heads, the tokens in their global order (the attention then sums over keys in the same order as
+    one process does)."""
     c = context(ctx)
     b, h, _, d = x.shape
     hw = h // c.world
     if _fake(x):
-        return x.new_empty((b, hw, sum(sizes), d))
+        return x.new_empty((b, hw, global_size(segments), d))
+    sizes = [local_size(segments, r, c.world) for r in range(c.world)]
     send = [p.contiguous() for p in x.split(hw, 1)]
     got = _all_to_all(c, send, [(b, hw, n, d) for n in sizes], x)
-    return torch.cat(got, 2)
+    return _assemble(got, 2, segments, c.world)
 
 
-def heads_to_seq(x: torch.Tensor, ctx: int, sizes: tuple[int, ...]) -> torch.Tensor:
-    """Ulysses, after attention: (B, H/W, N, d) in rank order -> (B, H, N_local, d)."""
+def heads_to_seq(x: torch.Tensor, ctx: int, segments: Segments) -> torch.Tensor:
+    """Ulysses, after attention: (B, H/W, N, d) in the global order -> (B, H, N_local, d)."""
     c = context(ctx)
     b, hw, _, d = x.shape
-    mine = sizes[c.rank]
+    mine = local_size(segments, c.rank, c.world)
     if _fake(x):
         return x.new_empty((b, hw * c.world, mine, d))
-    send = [p.contiguous() for p in x.split(list(sizes), 2)]
+    send = [_chunk_of(x, 2, segments, r, c.world).contiguous() for r in range(c.world)]
     got = _all_to_all(c, send, [(b, hw, mine, d)] * c.world, x)
     return torch.cat(got, 1)
 
@@ -275,19 +285,26 @@ def free_port() -> int:
 def _worker(rank: int, fn, world: int, port: int, out_dir: str, timeout: float, args: tuple) -> None:
     torch.set_num_threads(1)
     os.environ.setdefault("OMP_NUM_THREADS", "1")
+
+    def failed(e: BaseException) -> None:  # written before the group goes: the first failure is the first file
+        with open(os.path.join(out_dir, f"{rank}.err"), "w") as f:
+            f.write(f"{type(e).__name__}: {e}\n{traceback.format_exc()}")
+
     try:
         dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world,
                                 timeout=datetime.timedelta(seconds=timeout))
-        try:
-            value = fn(rank, world, *args)
-        finally:
-            dist.destroy_process_group()
-        with open(os.path.join(out_dir, f"{rank}.pt"), "wb") as f:
-            torch.save(value, f, pickle_module=pickle)
     except BaseException as e:
-        with open(os.path.join(out_dir, f"{rank}.err"), "w") as f:
-            f.write(f"{type(e).__name__}: {e}\n{traceback.format_exc()}")
+        failed(e)
         raise
+    try:
+        value = fn(rank, world, *args)
+    except BaseException as e:
+        failed(e)
+        raise
+    finally:
+        dist.destroy_process_group()
+    with open(os.path.join(out_dir, f"{rank}.pt"), "wb") as f:
+        torch.save(value, f, pickle_module=pickle)
 
 
 class LaunchError(RuntimeError):
@@ -313,7 +330,8 @@ def launch(fn, nproc: int, *args, timeout: float = 300.0) -> list:
             mp.start_processes(_worker, args=(fn, nproc, free_port(), out_dir, timeout, args), nprocs=nproc,
                                join=True, start_method="spawn")
         except Exception as e:  # the first rank's own message, not the spawn wrapper's
-            errors = sorted(f for f in os.listdir(out_dir) if f.endswith(".err"))
+            errors = sorted((f for f in os.listdir(out_dir) if f.endswith(".err")),
+                            key=lambda f: os.stat(os.path.join(out_dir, f)).st_mtime_ns)
             if errors:
                 with open(os.path.join(out_dir, errors[0])) as f:
                     text = f.read()
