@@ -104,7 +104,7 @@ class SequenceParallel(Pass):
         size = ax.shape_of(node)[dim]
         key = rt.register(self.group, rank, world, self.stats)
         counts = {"ulysses": 0, "allgather": 0, "local": 0, "cross": 0, "gathered": 0}
-        sharder = Sharder(gm, key, rank, world, lambda sh, n: self._attention(sh, n, counts))
+        sharder = Sharder(gm, key, rank, world, lambda sh, n: self._attention(sh, n, counts), rt.local_slice, rt.gather)
         sharder.split_at(node, Split(dim, ((1, size, 1),)))
         try:
             sharder.run(node)
@@ -115,7 +115,9 @@ class SequenceParallel(Pass):
         result.note(None, f"sp: {size} tokens split over {world} ranks after {node.name} (this rank: {chunk}); "
                           f"attention: {counts['ulysses']} ulysses, {counts['allgather']} all-gather of keys/values, "
                           f"{counts['local']} local (tokens in the batch), {counts['cross']} cross (no communication)"
-                          + (f", {counts['gathered']} gathered whole" if counts["gathered"] else ""))
+                          + (f", {counts['gathered']} gathered whole" if counts["gathered"] else "")
+                          + (f"; {len(sharder.slices)} replicated tensors over the tokens cut to the local chunk"
+                             if sharder.slices else ""))
         if sharder.gathers:
             where = ", ".join(f"{k} ({v})" for k, v in sharder.gathers.items())
             result.note(None, f"sp: all-gathered before {where}")

@@ -31,15 +31,33 @@ from torch import fx
 
 from dittofx.rewriter import axes as ax
 from dittofx.rewriter.edit import arg, copy_scope
-from dittofx.runtime import sp as rt
 
 aten = torch.ops.aten
+
+Segments = tuple[tuple[int, int, int], ...]  # (outer, n, inner) per segment, global sizes
+
+
+def chunk(n: int, rank: int, world: int) -> int:
+    """The share of rank `rank` of n positions cut as torch.tensor_split cuts them."""
+    return n // world + (1 if rank < n % world else 0)
+
+
+def chunk_start(n: int, rank: int, world: int) -> int:
+    return sum(chunk(n, r, world) for r in range(rank))
+
+
+def local_size(segments: Segments, rank: int, world: int) -> int:
+    return sum(outer * chunk(n, rank, world) * inner for outer, n, inner in segments)
+
+
+def global_size(segments: Segments) -> int:
+    return sum(outer * n * inner for outer, n, inner in segments)
 
 
 @dataclass(frozen=True)
 class Split:
     dim: int
-    segments: rt.Segments
+    segments: Segments
 
     @property
     def plain(self) -> bool:
@@ -47,13 +65,13 @@ class Split:
 
     @property
     def size(self) -> int:
-        return rt.global_size(self.segments)
+        return global_size(self.segments)
 
     def at(self, dim: int) -> Split:
         return Split(dim, self.segments)
 
     def local(self, rank: int, world: int) -> int:
-        return rt.local_size(self.segments, rank, world)
+        return local_size(self.segments, rank, world)
 
 
 class Fallback(Exception):
@@ -97,14 +115,18 @@ SQUEEZES = {aten.flatten.using_ints, aten.unsqueeze.default, aten.squeeze.dim, a
 class Sharder:
     """Walk `gm` from the split point on, giving each node a layout and editing what must change.
 
+    local_slice(x, ctx, dim, segments, begin=False), gather(x, ctx, dim, segments): the functions the
+    graph calls to cut a replicated value to this rank's chunk and to gather a split one (the
+    runtime's: `dittofx.runtime.sp`); ctx: their first argument after x (which group, which counters).
     attention(sharder, sdpa_node) -> Split | None: the layout of an attention's output, after inserting
     what it needs (raise Fallback to have its inputs gathered)."""
 
     def __init__(self, gm: fx.GraphModule, ctx: int, rank: int, world: int,
-                 attention: Callable[[Sharder, fx.Node], Split | None]):
+                 attention: Callable[[Sharder, fx.Node], Split | None], local_slice: Callable, gather: Callable):
         self.gm, self.graph = gm, gm.graph
         self.ctx, self.rank, self.world = ctx, rank, world
         self.attention = attention
+        self.local_slice, self.gather_fn = local_slice, gather
         self.state: dict[fx.Node, object] = {}
         self.shape: dict[fx.Node, tuple[int, ...] | None] = {n: ax.shape_of(n) for n in gm.graph.nodes}
         self.gathered: dict[fx.Node, fx.Node] = {}
@@ -123,7 +145,7 @@ class Sharder:
 
     def split_at(self, node: fx.Node, split: Split) -> fx.Node:
         """Cut `node`'s value to this rank's chunk; its readers read the chunk."""
-        cut = self._insert(self.graph.inserting_after(node), node, rt.local_slice,
+        cut = self._insert(self.graph.inserting_after(node), node, self.local_slice,
                            (node, self.ctx, split.dim, split.segments, True), self.shape[node])
         node.replace_all_uses_with(cut, delete_user_cb=lambda u: u is not cut)
         self.state[cut] = split
@@ -133,7 +155,7 @@ class Sharder:
         """`node`'s whole value (global order), once per node."""
         if node not in self.gathered:
             split = self.state[node]
-            self.gathered[node] = self._insert(self.graph.inserting_after(node), node, rt.gather,
+            self.gathered[node] = self._insert(self.graph.inserting_after(node), node, self.gather_fn,
                                                (node, self.ctx, split.dim, split.segments), self.shape[node])
             self.gathers[why or "?"] += 1
         return self.gathered[node]
@@ -142,7 +164,7 @@ class Sharder:
         """This rank's chunk of replicated `node`, laid out as `split`."""
         key = (node, split)
         if key not in self.sliced:
-            self.sliced[key] = self._insert(self.graph.inserting_before(before), before, rt.local_slice,
+            self.sliced[key] = self._insert(self.graph.inserting_before(before), before, self.local_slice,
                                             (node, self.ctx, split.dim, split.segments), self.shape[node])
             self.slices.add(node)
         return self.sliced[key]
@@ -370,7 +392,7 @@ def _bounds(split: Split) -> list[int]:
 def _local_bounds(split: Split, rank: int, world: int) -> list[int]:
     out = [0]
     for seg in split.segments:
-        out.append(out[-1] + rt.local_size((seg,), rank, world))
+        out.append(out[-1] + local_size((seg,), rank, world))
     return out
 
 

@@ -38,25 +38,7 @@ from dataclasses import dataclass, field
 import torch
 import torch.distributed as dist
 
-Segments = tuple[tuple[int, int, int], ...]  # (outer, n, inner) per segment, global sizes
-
-
-def chunk(n: int, rank: int, world: int) -> int:
-    """The share of rank `rank` of n positions cut as torch.tensor_split cuts them."""
-    return n // world + (1 if rank < n % world else 0)
-
-
-def chunk_start(n: int, rank: int, world: int) -> int:
-    return sum(chunk(n, r, world) for r in range(rank))
-
-
-def local_size(segments: Segments, rank: int, world: int) -> int:
-    return sum(outer * chunk(n, rank, world) * inner for outer, n, inner in segments)
-
-
-def global_size(segments: Segments) -> int:
-    return sum(outer * n * inner for outer, n, inner in segments)
-
+from dittofx.rewriter.shard import Segments, chunk, chunk_start, global_size, local_size
 
 # ---------------------------------------------------------------------------------------------
 # contexts and counters
