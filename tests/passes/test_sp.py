@@ -165,3 +165,41 @@ def test_spec_and_order():
     zm = zoo.build("latte")
     with pytest.raises(PassSpecError, match="pab must be the last pass .* put pab last"):
         _optimize(zm, ["pab", "sp"])
+
+
+# ---------------------------------------------------------------------------------------------
+# the layout arithmetic, in one process
+
+
+@pytest.mark.parametrize("segments", [((1, 7, 1),), ((1, 6, 1), (1, 11, 1)), ((2, 5, 3),), ((3, 4, 1), (1, 5, 2))])
+@pytest.mark.parametrize("world", [2, 3])
+def test_chunks_reassemble_in_global_order(segments, world):
+    """Every rank's chunk (rt._chunk_of, what local_slice cuts), put back by rt._assemble (what gather and
+    Ulysses do after communicating), is the whole tensor; chunk sizes are torch.tensor_split's."""
+    total = rt.global_size(segments)
+    x = torch.arange(2 * total * 3).reshape(2, total, 3)
+    parts = [rt._chunk_of(x, 1, segments, r, world) for r in range(world)]
+    assert [p.shape[1] for p in parts] == [rt.local_size(segments, r, world) for r in range(world)]
+    torch.testing.assert_close(rt._assemble(parts, 1, segments, world), x, rtol=0, atol=0)
+    n = segments[0][1]
+    assert [rt.chunk(n, r, world) for r in range(world)] == [len(c) for c in torch.arange(n).tensor_split(world)]
+
+
+def test_split_follows_views():
+    from dittofx.rewriter.shard import Split, fix_sizes, map_split
+
+    tokens = Split(1, ((1, 64, 1),))
+    # Latte: (B*F, hw, C) -> (B, F, hw, C) -> permute -> (B*hw, F, C): the tokens inside the batch axis
+    assert map_split(tokens, (8, 64, 32), (2, 4, 64, 32)) == Split(2, ((1, 64, 1),))
+    assert map_split(Split(1, ((1, 64, 1),)), (2, 64, 4, 32), (128, 4, 32)) == Split(0, ((2, 64, 1),))
+    assert map_split(Split(0, ((2, 64, 1),)), (128, 4, 32), (2, 64, 4, 32)) == Split(1, ((1, 64, 1),))
+    # an unpatchify cuts the token axis into rows and columns: not a split of one axis any more
+    assert map_split(tokens, (8, 64, 32), (8, 8, 8, 32)) is None
+    # a joint [text, video] axis kept whole through a head split
+    joint = Split(1, ((1, 6, 1), (1, 192, 1)))
+    assert map_split(joint, (2, 198, 32), (2, 198, 2, 16)) == joint
+    # sizes: the token entry becomes -1; where another entry is -1 already, that one gets its size
+    assert fix_sizes([2, 64, 32], 1, [2, 64, 32], 32) == [2, -1, 32]
+    assert fix_sizes(["B", -1, 64, 32], 2, [None, 4, 64, 32], 32) == ["B", 4, -1, 32]
+    assert fix_sizes([-1, 4, 64], 2, [None, 4, 64], 32) == [-1, 4, 32]
+    assert fix_sizes([-1, 4, "n"], 2, [None, 4, 64], 32) is None
