@@ -9,7 +9,7 @@ embedding: the grid tokens of the model's longest self-attention (the axes analy
 Around each self-attention whose queries, keys and values are split along their tokens:
 - method="ulysses" (default): an all_to_all swaps the token split for a head split (each rank then
   holds every token of H/W heads), the attention runs, an all_to_all swaps back;
-- method="allgather", or where the heads do not divide by the world size, or the attention has a mask:
+- method="allgather", or where the heads do not divide by the world size or a mask differs per head:
   keys and values are all-gathered and the local queries attend to all of them.
 Cross-attention (keys and values from the text, not split) communicates nothing; an attention whose
 batch holds the split tokens (Latte's temporal attention: one spatial position's frames) neither.
@@ -152,7 +152,10 @@ class SequenceParallel(Pass):
             raise Fallback
         heads = sh.shape[q][1] if rank == 4 else 0
         kv_heads = sh.shape[k][1] if rank == 4 else 0
-        ulysses = self.method == "ulysses" and rank == 4 and mask is None and heads % sh.world == 0 \
+        # a replicated mask over (queries, keys) holds as it is after the swap (the tokens are back in their
+        # global order), where it is the same for every head
+        mask_ok = mask is None or not isinstance(mask, fx.Node) or sh.rank_of(mask) < 3 or sh.shape[mask][-3] == 1
+        ulysses = self.method == "ulysses" and rank == 4 and mask_ok and heads % sh.world == 0 \
             and kv_heads % sh.world == 0
         if ulysses:
             for x, split in ((q, sq), (k, sk), (v, sk)):

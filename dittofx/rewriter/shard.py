@@ -488,6 +488,20 @@ def _cat(sh: Sharder, node: fx.Node):
     return Split(d, tuple(segments))
 
 
+def _stack(sh: Sharder, node: fx.Node):
+    """stack(tensors, dim): operands of one shape, all split alike (replicated ones cut to the chunk)."""
+    tensors = list(node.args[0])
+    d = (node.args[1] if len(node.args) > 1 else 0) % sh.rank_of(node)
+    splits = {sh.split_of(t) for t in tensors} - {None}
+    if len(splits) != 1 or any(isinstance(sh.state.get(t), list) for t in tensors):
+        raise Fallback
+    s = splits.pop()
+    for t in tensors:
+        if sh.split_of(t) is None:
+            node.replace_input_with(t, sh.local(t, s, node))
+    return s.at(s.dim + (d <= s.dim))
+
+
 def _reduce(sh: Sharder, node: fx.Node):
     x = node.args[0]
     s = sh.split_of(x)
@@ -546,6 +560,7 @@ RULES: dict = {
     aten.unflatten.int: _reshape,
     operator.getitem: _getitem,
     aten.cat.default: _cat,
+    aten.stack.default: _stack,
     aten.concat.default: _cat,
     aten._assert_tensor_metadata.default: _drop_check,
     **{t: _reshape for t in ax.RESHAPES | SQUEEZES},
