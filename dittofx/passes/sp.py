@@ -18,6 +18,10 @@ rank holding its chunk of each segment, and slices back to the text or video par
 segments (`rewriter/shard.py`). Anything the walk does not know is gathered first (the global order
 restored) and runs replicated, as the output does (the unpatchify).
 
+The analyses after the split read each attention's kind (spatial, temporal, cross, joint) as it was
+found on the whole graph (`analysis.pin_sites`): views of a chunk no longer match the patch grid's
+labels, and PAB picks its ranges by kind.
+
 Composes with PAB: write ["sp", "pab"]. PAB wraps each attention with its all_to_alls (they are in
 the attention module's scope and only it reads them), so a broadcast step runs neither the attention
 nor its communication; the decision depends only on the timestep and the call index, the same on
