@@ -74,6 +74,9 @@ def odd_worker(rank, world):
         ref = denoise(zm.model, zm, steps=8)
         opt = _optimize(zm, ["sp"])
         out[heads] = (rel(denoise(opt, zm, steps=8), ref), list(opt.report.notes))
+        if heads == 2:  # and with PAB: the caches of uneven chunks
+            both, pab = _optimize(zm, ["sp", "pab"]), _optimize(zm, ["pab"])
+            out["pab"] = rel(denoise(both, zm, steps=8), denoise(pab, zm, steps=8))
     out["export"] = _export_refused(zm, opt)
     return out
 
@@ -139,6 +142,7 @@ def test_uneven_split_heads_not_dividing_and_export():
         assert r["export"].startswith("sp: ") and "\n" not in r["export"]  # export_onnx refuses in one line
         for heads in (2, 3):
             assert r[heads][0] <= TOLERANCE, (heads, r[heads][0])
+        assert r["pab"] <= TOLERANCE
         assert any("63 tokens split over 2 ranks" in n for n in r[2][1])
         assert any("2 ulysses" in n for n in r[2][1])
         assert any("0 ulysses, 2 all-gather" in n for n in r[3][1])  # 3 heads on 2 ranks
