@@ -80,8 +80,8 @@ class CommStats:
     def __str__(self) -> str:
         n = len(self.calls)
         if not n:
-            return "sp: no call yet"
-        return f"sp: last call {self.describe(self.last)}; {n} calls: {self.describe(self.total)}"
+            return "no call yet"
+        return f"last call {self.describe(self.last)}; {n} calls: {self.describe(self.total)}"
 
 
 @dataclass
