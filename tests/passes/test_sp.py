@@ -169,6 +169,8 @@ def test_spec_and_order():
     zm = zoo.build("latte")
     with pytest.raises(PassSpecError, match="sp must come before pab .* write sp before pab"):
         _optimize(zm, ["pab", "sp"])
+    with pytest.raises(PassSpecError, match="sp with compile=True is not supported yet"):
+        _optimize(zm, ["sp"], compile=True)
 
 
 # ---------------------------------------------------------------------------------------------
