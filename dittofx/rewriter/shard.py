@@ -532,6 +532,12 @@ class Unsplittable(Exception):
     """An op on split tokens that neither keeps the split nor can be given gathered inputs."""
 
 
+def _size(sh: Sharder, node: fx.Node):
+    """sym_size(x, d): an int, read from the local value (the local count along the split axis: what the
+    views of the same value, made local, take)."""
+    return None
+
+
 def _drop_check(sh: Sharder, node: fx.Node):
     """A shape / dtype assertion on a value now local: its sizes are the global ones, so it goes."""
     sh.graph.erase_node(node)
@@ -563,6 +569,7 @@ RULES: dict = {
     aten.stack.default: _stack,
     aten.concat.default: _cat,
     aten._assert_tensor_metadata.default: _drop_check,
+    aten.sym_size.int: _size,
     **{t: _reshape for t in ax.RESHAPES | SQUEEZES},
     **{t: _split for t in SPLITS},
     **{t: _reduce for t in REDUCTIONS},

@@ -22,10 +22,10 @@ def _optimize(zm, passes, **kw):
     return dittofx.optimize(zm.model, passes, zm.example_inputs, zm.example_kwargs, **kw)
 
 
-def _swaps(gm) -> tuple[int, int]:
-    """(Ulysses all_to_alls in the main graph, in PAB's site graphs)."""
+def _collectives(gm) -> tuple[int, int]:
+    """(collective calls in the main graph, in PAB's site graphs)."""
     def count(g):
-        return sum(n.op == "call_function" and n.target in (rt.seq_to_heads, rt.heads_to_seq) for n in g.graph.nodes)
+        return sum(n.op == "call_function" and n.target in rt.COLLECTIVES for n in g.graph.nodes)
     return count(gm), sum(count(s.attention) for s in gm.pab.sites)
 
 
@@ -51,7 +51,7 @@ def loop_worker(rank, world, name, method="ulysses"):
     stats.reset()
     got = denoise(both, zm)
     figures.update(sp_pab=rel(got, pab_ref), sp_pab_calls=_per_call(stats),
-                   swaps=_swaps(both.graph_module), pab_changes=rel(pab_ref, ref),
+                   collectives=_collectives(both.graph_module), pab_changes=rel(pab_ref, ref),
                    report_stats=str(both.report))
     return figures
 
@@ -106,9 +106,8 @@ def _check_loop(results, name):
         assert r["sp"] <= TOLERANCE, (name, r["sp"])
         assert r["sp_pab"] <= TOLERANCE, (name, r["sp_pab"])
         assert r["pab_changes"] > 1e-3  # PAB did broadcast: the comparison is not trivial
-        main, in_sites = r["swaps"]
-        if r["kinds"].get("all_to_all"):  # the attention's all_to_alls moved into PAB's sites with it
-            assert main == 0 and in_sites > 0
+        main, in_sites = r["collectives"]
+        assert main == 1 and in_sites > 0  # the attentions' collectives moved into PAB's sites with them
         full = r["sp_calls"][0]
         assert all(c == full for c in r["sp_calls"])  # without PAB every step communicates alike
         calls = r["sp_pab_calls"]
