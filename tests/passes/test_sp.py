@@ -94,6 +94,25 @@ def _export_refused(zm, opt):
     return None
 
 
+ZOO = ("dit", "pixart", "cogvideox5b", "cogvideox15", "hunyuanvideo", "mochi", "ltx_video", "allegro", "flux", "sd3",
+       "easyanimate", "vit", "hf_vit", "videomae")
+
+
+def forward_worker(rank, world, names):
+    """One forward of each model, split and alone: max relative difference and the sp notes."""
+    from dittofx import signature
+
+    out = {}
+    for name in names:
+        zm = zoo.build(name)
+        with torch.no_grad():
+            ref = signature.tensor_leaves(zm.model(*zm.example_inputs, **zm.example_kwargs))[0][1]
+            opt = _optimize(zm, ["sp"])
+            got = signature.tensor_leaves(opt(*zm.example_inputs, **zm.example_kwargs))[0][1]
+        out[name] = (rel(got, ref), [n for n in opt.report.notes if n.startswith("sp")])
+    return out
+
+
 def failing_worker(rank, world):
     if rank == 1:
         raise ValueError("rank one fails on purpose")
@@ -146,6 +165,15 @@ def test_uneven_split_heads_not_dividing_and_export():
         assert any("2 ulysses" in n for n in r[2][1])
         assert any("0 ulysses, 2 all-gather" in n for n in r[3][1])  # 3 heads on 2 ranks
     assert {n for n in results[0][2][1] if "this rank" in n} != {n for n in results[1][2][1] if "this rank" in n}
+
+
+@pytest.mark.slow
+def test_every_zoo_model_forward():
+    """The rest of the zoo, one forward each: rotary tables, text masks, class tokens, packed latents."""
+    for rank_result in rt.launch(forward_worker, 2, ZOO, timeout=900):
+        for name, (diff, notes) in rank_result.items():
+            assert diff <= TOLERANCE, (name, diff, notes)
+            assert any("tokens split over 2 ranks" in n for n in notes), name
 
 
 def test_a_failing_rank_does_not_hang():
