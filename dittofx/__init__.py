@@ -28,6 +28,7 @@ _LAZY = {
     "ToMe": "dittofx.passes",
     "RLT": "dittofx.passes",
     "PAB": "dittofx.passes",
+    "SequenceParallel": "dittofx.passes",
     "CanonicalizeAttention": "dittofx.passes",
 }
 

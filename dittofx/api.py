@@ -38,6 +38,9 @@ def optimize(model: nn.Module, passes=(), example_inputs=None, example_kwargs=No
         raise DittoError(f"optimize() takes a torch.nn.Module, not {type(model).__name__}")
     pass_list = parse_passes(passes)
     check_order(pass_list)  # before the capture's work
+    if compile and any(p.name == "sp" for p in pass_list):
+        raise PassSpecError("sp with compile=True is not supported yet (its collectives run eagerly, between the "
+                            "compiled parts they would split): optimize without compile=True")
     if example_inputs is None and not example_kwargs:
         from dittofx.models import example_inputs_for
 
@@ -169,6 +172,12 @@ class OptimizedModule(nn.Module):
     @property
     def graph_module(self) -> fx.GraphModule:
         return self.variants[-1].gm
+
+    @property
+    def comm_stats(self):
+        """What the sequence-parallel pass's collectives moved on this rank, per call and in total (a
+        `dittofx.runtime.sp.CommStats`, shared by every input form), or None without the sp pass."""
+        return next((p.stats for p in self.passes if p.name == "sp"), None)
 
     @property
     def stateful(self) -> bool:

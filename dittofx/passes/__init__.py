@@ -10,6 +10,7 @@ _PASSES = {
     "ToMe": "dittofx.passes.tome",
     "RLT": "dittofx.passes.rlt",
     "PAB": "dittofx.passes.pab",
+    "SequenceParallel": "dittofx.passes.sp",
     "CanonicalizeAttention": "dittofx.passes.sdpa",
     "Pass": "dittofx.passes.base",
 }

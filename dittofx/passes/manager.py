@@ -47,14 +47,15 @@ def check_order(passes: list[Pass]) -> None:
             specs = [p.spec() for p in passes if p.name == name]
             raise PassSpecError(f"pass {name} is given twice ({' and '.join(specs)}): give each pass once, with all "
                                 f"its options in one spec")
-    for i, p in enumerate(passes):
-        if p.runs_last and i != len(passes) - 1:
-            raise PassSpecError(f"{p.name} must be the last pass ({type(p).__name__} hides the graph from later "
-                                f"passes), but {names[i + 1]} follows it: put {p.name} last")
+    for i, p in enumerate(passes):  # a pass that names the one before it first: its line says what to do
         for later in p.runs_before:
             if later in names[:i]:
                 raise PassSpecError(f"{p.name} must come before {later} ({later} continues from what {p.name} "
                                     f"leaves), but {later} is given first: write {p.name} before {later}")
+    for i, p in enumerate(passes):
+        if p.runs_last and i != len(passes) - 1:
+            raise PassSpecError(f"{p.name} must be the last pass ({type(p).__name__} hides the graph from later "
+                                f"passes), but {names[i + 1]} follows it: put {p.name} last")
 
 
 class PassManager:

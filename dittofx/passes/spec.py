@@ -23,6 +23,7 @@ REGISTRY = {
     "tome": "dittofx.passes.tome:ToMe",
     "rlt": "dittofx.passes.rlt:RLT",
     "pab": "dittofx.passes.pab:PAB",
+    "sp": "dittofx.passes.sp:SequenceParallel",
 }
 
 

@@ -40,6 +40,19 @@ RESIDUAL_PATH = ADDS | {aten.mul.Tensor, aten.dropout.default, operator.getitem,
                         aten.view.default, aten.reshape.default}
 
 
+# node.meta key of an attention's (kind, kind note, query axis) as found on the whole graph, kept by a pass
+# after which the graph's sizes no longer say it (sequence parallelism: each rank holds a chunk of the
+# tokens, so views of the chunk do not match the patch grid's labels): `pin_sites`
+PINNED = "dittofx_site"
+
+
+def pin_sites(analysis: Analysis) -> None:
+    """Keep each attention's kind and query axis on its node, for the analyses after a pass that makes
+    the token sizes local."""
+    for site in analysis.sites:
+        site.node.meta[PINNED] = (site.kind, site.kind_note, site.seq_axis)
+
+
 @dataclass
 class AttentionSite:
     node: fx.Node  # the SDPA node
@@ -269,11 +282,13 @@ def analyze(gm: fx.GraphModule, batched_inputs: set[int] | None = None) -> Analy
         output = _module_output(node, module, residual, order)
         q_axis, k_axis = amap.axis_of(q, -2), amap.axis_of(k, -2)
         kind = classify(q_axis, k_axis, video_inputs)
+        note = kind_note(kind, q_axis, amap.latent, video_inputs)
+        if PINNED in node.meta:  # a pass that made the sizes local (sp) kept what the whole graph said
+            kind, note, q_axis = node.meta[PINNED]
         site = AttentionSite(
             node=node, module=module, kind=kind, query=q, key=k, value=v,
             heads=q_shape[-3] if len(q_shape) >= 4 else 1, tokens=q_shape[-2], kv_tokens=k_shape[-2],
-            output=output, residual=residual, seq_axis=q_axis, kind_note=kind_note(kind, q_axis, amap.latent,
-                                                                                   video_inputs),
+            output=output, residual=residual, seq_axis=q_axis, kind_note=note,
             windowed=_windowed(q, amap), position_bias=_position_bias(node))
         name = _block_name(residual, module)
         block = blocks.setdefault(name, Block(name))
