@@ -4,6 +4,7 @@
     dittofx bench zoo:vit --pass tome --sweep r=0:24:4 --plot tome.png --json tome.json
     dittofx bench zoo:latte --pass pab --steps 20 --sweep spatial=1:4:1
     dittofx bench zoo:vit --pass tome:r=8 --runtime onnxruntime
+    dittofx bench zoo:latte --pass sp --pass pab --nproc 2
 
 Timing: the untouched model and every optimized setting run in turn (A B C A B C ...), `--rounds`
 times after a warm-up; the table quotes medians, and the speed-up is the median of the per-round
@@ -19,6 +20,12 @@ graph has a timestep input) is benched over a denoising loop of `--steps` steps,
 from 999 down (`dittofx.measure.workload`), so that PAB's timestep window and broadcast ranges take effect;
 a latency is one whole loop. Agreement is measured on `--inputs` where given (a .pt/.safetensors
 file or a folder of images/videos), else on the random example inputs.
+
+`--nproc N` with `--pass sp` (sequence parallelism) starts N processes here (gloo, one thread each)
+that run this command together: each times the untouched model alone and its share of the split one
+at the same moments, so the speed-up is one process against N, and the FLOP bound is the untouched
+model's FLOPs over one process's share; rank 0 prints the table, with the collectives and the bytes
+each process sent per call (a broadcast step of PAB sends less) and writes the files.
 
 `--sweep KEY=START:STOP:STEP` (STOP included) or `KEY=V1,V2,...` varies one option of the pass
 (`r`, `tau`, `spatial`, ...) and draws speed-up against agreement, one labelled point per value
@@ -63,6 +70,8 @@ def register(subparsers) -> None:
                    "bench-MODEL-KEY.png)")
     p.add_argument("--json", dest="json_out", metavar="OUT.json", help="write every number as JSON")
     p.add_argument("--threads", type=int, default=None, help="CPU threads for PyTorch and onnxruntime")
+    p.add_argument("--nproc", type=int, default=1, help="processes for sequence parallelism (needs --pass sp): "
+                   "started here over gloo, one thread each (default 1)")
     p.set_defaults(run=run)
 
 
@@ -173,13 +182,18 @@ def run(args) -> int:
     check_common(args)
     for spec in args.passes:
         parse_pass(spec)  # a bad spec fails before any work
+    if args.nproc != 1:
+        return _launch(args)
     if args.sweep:
         key, _, points = parse_sweep(args.sweep, args.passes)
     else:
         key, points = None, [(None, list(args.passes))]
-    json_out = writable(args.json_out, "--json") if args.json_out else None
+    silent = getattr(args, "silent", False)  # a process of --nproc other than rank 0: rank 0 writes the files
+    json_out = writable(args.json_out, "--json") if args.json_out and not silent else None
     plot_out = args.plot
-    if plot_out is None and args.sweep:
+    if silent:
+        plot_out = None
+    elif plot_out is None and args.sweep:
         plot_out = f"bench-{_slug(args.model)}-{key}.png"
     if plot_out is not None:
         if not plot_out.lower().endswith(".png"):
@@ -192,6 +206,8 @@ def run(args) -> int:
 
     with progress.stage(f"load {args.model}" + (f" with {args.weights}" if args.weights else "")):
         loaded = load_model(argparse.Namespace(**{**vars(args), "batch": 1 if args.batch is None else args.batch}))
+    if _world() > 1:
+        _same_weights(loaded.model)
     optimized = []  # (sweep value, spec text, OptimizedModule)
     for label, specs in points:
         name = " ".join(specs)
@@ -243,6 +259,7 @@ def run(args) -> int:
         _warn_nothing_dropped(optimized, args.inputs)  # RLT's counts of that eager run
 
         # timing, interleaved
+        comm_from = [_comm_calls(opt) for _, _, opt in optimized]
         fns = {"untouched": lambda: wl.run(base_call)}
         for (_, name, _), (call, reset) in zip(optimized, calls):
             fns[name] = (lambda c=call, r=reset: wl.run(c, reset=r))
@@ -259,13 +276,13 @@ def run(args) -> int:
         progress.warn(f"the untouched model takes {base_t.median * 1e3:.1f} ms for {per}: under "
                       f"{MIN_TIMED_SECONDS * 1e3:.0f} ms, fixed per-call costs and noise dominate the speed-up; "
                       f"time a larger batch, e.g. --batch {_larger_batch(wl.batch, base_t.median)}")
-    for (label, name, _), agr, fl in zip(optimized, agreements, flops):
+    for (label, name, opt), agr, fl, start in zip(optimized, agreements, flops, comm_from):
         t = timings[name]
         rows.append({
             "spec": name, "sweep_value": label, "latency_ms": t.median * 1e3, "throughput": wl.batch / t.median,
             "speedup": t.speedup, "spread": t.spread, "ratios": t.ratios, "flops": fl,
             "flop_ratio": base_flops / fl if fl else None,
-            "agreement": agr.as_dict(), "seconds": t.seconds,
+            "agreement": agr.as_dict(), "seconds": t.seconds, "comm": _comm_per_call(opt, start),
         })
     result = {
         "model": args.model, "name": loaded.name, "family": loaded.family, "kind": kind,
@@ -273,7 +290,7 @@ def run(args) -> int:
         "steps": wl.steps if wl.diffusion else None, "timesteps": wl.timesteps() if wl.diffusion else None,
         "metric": metric, "inputs": args.inputs or "random", "agreement_inputs": su.notes[0],
         "agreement_samples": agreements[0].samples,
-        "sweep": key, "machine": machine(),
+        "sweep": key, "machine": machine(), "nproc": _world(),
         "baseline": {"latency_ms": base_t.median * 1e3, "throughput": wl.batch / base_t.median, "flops": base_flops,
                      "seconds": base_t.seconds},
         "results": rows,
@@ -286,6 +303,88 @@ def run(args) -> int:
         write_atomic(plot_out, lambda tmp: plot(result, agreements, tmp))
         print(f"wrote {plot_out}")
     return 0
+
+
+# ---------------------------------------------------------------------------------------------
+# sequence parallelism: --nproc
+
+
+def _launch(args) -> int:
+    """Run this command in `args.nproc` processes (dittofx.runtime.sp.launch); rank 0 prints."""
+    from dittofx.passes.spec import parse_passes
+
+    if args.nproc < 1:
+        raise DittoError(f"--nproc must be at least 1, got {args.nproc}")
+    if not any(p.name == "sp" for p in parse_passes(args.passes)):
+        raise DittoError(f"--nproc {args.nproc} splits the model between processes, which the sequence-parallel pass "
+                         f"does: add --pass sp (e.g. --pass sp --pass pab)")
+    if args.runtime != "eager":
+        raise DittoError(f"--nproc runs the split model eagerly; --runtime {args.runtime} is not accepted with it")
+    if args.threads not in (None, 1):
+        raise DittoError(f"--nproc runs one thread per process; --threads {args.threads} is not accepted with it")
+    from dittofx import errors
+    from dittofx.runtime.sp import LaunchError, launch
+
+    try:
+        codes = launch(_rank_run, args.nproc, vars(args), timeout=1800.0)
+    except LaunchError as e:
+        kind, _, message = (e.details.splitlines() or [str(e)])[0].partition(": ")
+        if isinstance(getattr(errors, kind, None), type) and issubclass(getattr(errors, kind), DittoError):
+            raise DittoError(message) from None
+        raise DittoError(f"a bench process failed: {e}") from None
+    return codes[0]
+
+
+def _rank_run(rank: int, world: int, options: dict) -> int:
+    """One process of `bench --nproc`: the same command, the model's weights taken from rank 0 (a random
+    init is then the same everywhere); ranks other than 0 print nothing and write no file."""
+    import contextlib
+
+    from dittofx.cli import progress
+
+    args = argparse.Namespace(**{**options, "nproc": 1, "threads": 1, "silent": rank != 0})
+    progress.set_quiet(bool(rank) or options.get("quiet", False))
+    with open(os.devnull, "w") as null, contextlib.ExitStack() as stack:
+        if rank:
+            stack.enter_context(contextlib.redirect_stdout(null))
+            stack.enter_context(contextlib.redirect_stderr(null))
+        with progress.library_log():
+            return run(args)
+
+
+def _same_weights(model) -> None:
+    """Every process computes with rank 0's weights and buffers (a random init drawn in each would differ)."""
+    import torch
+    import torch.distributed as dist
+
+    with torch.no_grad():
+        for tensor in model.state_dict(keep_vars=True).values():
+            dist.broadcast(tensor.data, 0)
+
+
+def _world() -> int:
+    import torch.distributed as dist
+
+    return dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
+
+
+def _comm_calls(opt) -> int:
+    """How many forward calls `opt`'s sequence-parallel counters hold now (-1 without the sp pass)."""
+    stats = opt.comm_stats
+    return -1 if stats is None else len(stats.calls)
+
+
+def _comm_per_call(opt, start: int) -> dict | None:
+    """Collectives and bytes this rank sent, per forward call, over the calls since `start` (the timing)."""
+    stats = opt.comm_stats
+    if stats is None:
+        return None
+    calls = stats.calls[start:] or stats.calls[-1:]
+    n = max(len(calls), 1)
+    kinds = sorted({k for c in calls for k in c})
+    return {"calls_per_call": sum(c.get(k, [0, 0])[0] for c in calls for k in kinds) / n,
+            "bytes_per_call": sum(c.get(k, [0, 0])[1] for c in calls for k in kinds) / n,
+            "by_kind": {k: [sum(c.get(k, [0, 0])[i] for c in calls) / n for i in (0, 1)] for k in kinds}}
 
 
 def _larger_batch(batch: int, seconds: float) -> int:
@@ -345,21 +444,27 @@ def _print_table(result: dict, agreements) -> None:
     what = f"{result['steps']}-step loop" if kind == "diffusion" else "forward"
     title = (f"dittofx bench {result['model']}: {result['runtime']}, batch {result['batch']}, "
              f"median of {result['rounds']} interleaved rounds")
+    if result["nproc"] > 1:
+        title += f"; {result['nproc']} processes (sp), the untouched model in each alone"
     table = Table(title=title, title_justify="left")
     cols = ["setting", f"latency/{what} (ms)", unit, "speed-up", "FLOP bound", "cosine"]
     if kind == "classifier":
         cols.append("top-1 agree")
     if kind == "diffusion":
         cols.append("PSNR")
+    comm = any(r["comm"] for r in result["results"])
+    if comm:
+        cols += ["comm/call", "KiB/call"]
     for c in cols:
         if c == "setting":
-            table.add_column(c, justify="left", overflow="fold")
+            table.add_column(c, justify="left", overflow="fold", min_width=14)
         else:
             table.add_column(c, justify="right", no_wrap=True)
     base = result["baseline"]
     row = ["untouched", f"{base['latency_ms']:.1f}", f"{base['throughput']:.1f}", "1.00x", "1.00x", "1.0000"]
     row += ["100.0%"] if kind == "classifier" else []
     row += ["identical"] if kind == "diffusion" else []
+    row += ["-", "-"] if comm else []
     table.add_row(*row)
     for r, agr in zip(result["results"], agreements):
         bound = f"{r['flop_ratio']:.2f}x" if r["flop_ratio"] else "-"
@@ -372,10 +477,16 @@ def _print_table(result: dict, agreements) -> None:
             row.append(f"{agr.top1:.1%}")
         if kind == "diffusion":
             row.append(format_psnr(agr.psnr))
+        if comm:
+            c = r["comm"]
+            row += [f"{c['calls_per_call']:.1f}", f"{c['bytes_per_call'] / 1024:.1f}"] if c else ["-", "-"]
         table.add_row(*row)
     Console(width=max(120, Console().width)).print(table)
     print(f"speed-up: median of per-round ratios to 'untouched' (± half their range: below that is noise); "
           f"FLOP bound: untouched / optimized FLOPs; agreement on {result['agreement_inputs']}")
+    if comm:
+        print("comm/call, KiB/call: collectives one process made and bytes it sent to the others per forward call "
+              "(per denoising step), averaged over the timed runs")
 
 
 def setup_for(args, loaded, report, random_samples: int | None = None, batch: int | None = None):
