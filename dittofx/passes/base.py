@@ -61,6 +61,7 @@ class Pass:
     # ordering, checked by the pass manager before anything runs:
     runs_before: ClassVar[tuple[str, ...]] = ()  # passes that, when given too, must come after this one
     runs_last: ClassVar[bool] = False  # nothing may follow it (it hides the graph from later passes)
+    composes_with: ClassVar[tuple[str, ...] | None] = None  # the only passes it may be given with (None: any)
     # applicability, as the pass manager applies it:
     needs_attention: ClassVar[bool] = True  # refuse a model with no attention before running
     may_apply_nowhere: ClassVar[bool] = False  # runs (and notes it) even when check() refuses every block

@@ -5,8 +5,8 @@
 What it guarantees, in order:
 
 1. Ordering, before anything runs (`check_order`): each pass is given once, and each pass's declared
-   constraints (`runs_before`, `runs_last`, passes/base.py) hold, or one PassSpecError line names the
-   two passes and the fix.
+   constraints (`composes_with`, `runs_before`, `runs_last`, passes/base.py) hold, or one PassSpecError
+   line names the two passes and the fix.
 2. The prologue: `CanonicalizeAttention` runs first whenever any pass is given (unless given), so
    every pass sees one form of attention.
 3. For each pass: a model with no attention, or one whose every block the pass's `check()` refuses,
@@ -47,6 +47,11 @@ def check_order(passes: list[Pass]) -> None:
             specs = [p.spec() for p in passes if p.name == name]
             raise PassSpecError(f"pass {name} is given twice ({' and '.join(specs)}): give each pass once, with all "
                                 f"its options in one spec")
+    for p in passes:
+        others = [n for n in names if n != p.name and p.composes_with is not None and n not in p.composes_with]
+        if others:
+            raise PassSpecError(f"{p.name} cannot be given with {', '.join(others)} (tested with: "
+                                f"{', '.join(p.composes_with) or 'no other pass'}): drop {' and '.join(others)}")
     for i, p in enumerate(passes):  # a pass that names the one before it first: its line says what to do
         for later in p.runs_before:
             if later in names[:i]:

@@ -64,6 +64,8 @@ class SequenceParallel(Pass):
 
     name: ClassVar[str] = "sp"
     runs_before: ClassVar[tuple[str, ...]] = ("pab",)
+    # after the split, the axes analysis reads chunks: what ToMe and RLT would decide from it is untested
+    composes_with: ClassVar[tuple[str, ...]] = ("pab", "sdpa")
     exact_setting: ClassVar[str] = "as given (sequence parallelism computes what one process does)"
 
     method: str = shown("ulysses")

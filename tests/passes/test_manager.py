@@ -59,6 +59,8 @@ def test_the_cli_reports_an_internal_error_with_its_own_exit_code(vit, capsys):
 @pytest.mark.parametrize("passes,words", [
     (["pab", "tome:r=2"], ["pab must be the last pass", "tome follows"]),
     (["tome:r=2", "rlt"], ["rlt must come before tome", "write rlt before tome"]),
+    (["sp", "tome:r=2", "pab"], ["sp cannot be given with tome", "drop tome"]),
+    (["rlt", "sp"], ["sp cannot be given with rlt", "tested with: pab, sdpa"]),
 ])
 def test_ordering_constraints_are_one_line_errors_before_any_work(passes, words):
     model = torch.nn.Linear(2, 2)  # never captured: the order is checked first
