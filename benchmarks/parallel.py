@@ -93,6 +93,7 @@ def per_step(stats, steps: int) -> dict:
     """Collectives and bytes one rank sent per step, averaged over the last loop's calls."""
     calls = stats.calls[-steps:]
     return {"collectives": sum(n for c in calls for n, _ in c.values()) / steps,
+            "ms_in_collectives": sum(stats.seconds[-steps:]) / steps * 1e3,
             "bytes": sum(b for c in calls for _, b in c.values()) / steps,
             "bytes_by_kind": {k: sum(c.get(k, [0, 0])[1] for c in calls) / steps for k in ("all_to_all", "all_gather")},
             "collectives_by_kind": {k: sum(c.get(k, [0, 0])[0] for c in calls) / steps
@@ -187,20 +188,22 @@ def worker(rank: int, world: int, name: str, size: str, steps: int, rounds: int,
 
     row = {"model": name, "size": size, "steps": steps,
            "max_diff": {"sp": diff(outputs["sp"], ref), "sp+pab vs pab": diff(outputs["sp+pab"], outputs["pab"])}}
-    comm = {k: per_step(opt[k].comm_stats, steps) for k in ("sp", "sp+pab")}
     if peer is not None:
         row["max_diff"]["diffusers CP"] = diff(outputs["diffusers CP"], ref)
         peer_log.clear()
         with torch.inference_mode():
             runs["diffusers CP"]()
-        comm["diffusers CP"] = {"collectives": len(peer_log) / steps, "bytes": sum(b for _, b in peer_log) / steps,
-                                "bytes_by_kind": {k: sum(b for kind, b in peer_log if kind == k) / steps
-                                                  for k in ("all_to_all", "all_gather")}}
+        peer_comm = {"collectives": len(peer_log) / steps, "bytes": sum(b for _, b in peer_log) / steps,
+                     "bytes_by_kind": {k: sum(b for kind, b in peer_log if kind == k) / steps
+                                       for k in ("all_to_all", "all_gather")}}
     row["broadcast_share"] = self_attention_broadcast_share(opt["sp+pab"], lambda: wl.run(
         call_module(opt["sp+pab"]), reset=opt["sp+pab"].reset))
     flops = {"untouched": count_flops(runs["untouched"]), "pab": count_flops(runs["pab"])}
     flops.update({k: count_flops(runs[k]) for k in ("sp", "sp+pab")})  # one rank's share
     timings = interleaved(runs, rounds=rounds, warmup=warmup)
+    comm = {k: per_step(opt[k].comm_stats, steps) for k in ("sp", "sp+pab")}  # the last timed loop
+    if peer is not None:
+        comm["diffusers CP"] = peer_comm
     row.update(comm=comm, flops={k: v / steps for k, v in flops.items()},
                ms={k: statistics.median(t.seconds) / steps * 1e3 for k, t in timings.items()},
                speedup={k: t.speedup for k, t in timings.items()},
@@ -278,13 +281,15 @@ def main() -> None:
             table.append({
                 "model": r["model"], "config": label, "ms1": r["ms"]["untouched"], "ms2": r["ms"][key],
                 "speedup": r["speedup"][key], "pab1": r["speedup"]["pab"], "coll": c["collectives"],
-                "kb": c["bytes"] / 1024, "vs": c["bytes"] / base["bytes"] if base else None,
+                "kb": c["bytes"] / 1024, "in_coll": c.get("ms_in_collectives"),
+                "vs": c["bytes"] / base["bytes"] if base else None,
                 "diff": r["max_diff"].get(key if key != "sp+pab" else "sp+pab vs pab"),
                 "skipped": r["broadcast_share"] if key == "sp+pab" else None})
     print()
     print_table(table, [("model", "model", ""), ("config", "2 processes", ""), ("ms1", "1 proc ms/step", ".1f"),
                         ("ms2", "2 proc ms/step", ".1f"), ("speedup", "speed-up", ".2f"),
                         ("pab1", "pab alone, 1 proc", ".2f"), ("coll", "collectives/step", ".1f"),
+                        ("in_coll", "ms in them/step", ".1f"),
                         ("kb", "KiB sent/step/rank", ".1f"), ("vs", "bytes / diffusers CP", ".2f"),
                         ("skipped", "broadcast share", ".0%"), ("diff", "max rel diff", ".1e")],
                 title=f"(a) one process vs two ({size} size, one thread each), {steps}-step DDIM loops; "

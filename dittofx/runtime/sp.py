@@ -32,6 +32,7 @@ import os
 import pickle
 import socket
 import tempfile
+import time
 import traceback
 from dataclasses import dataclass, field
 
@@ -47,21 +48,25 @@ from dittofx.rewriter.shard import Segments, chunk, chunk_start, global_size, lo
 @dataclass
 class CommStats:
     """What the collectives of one SP graph moved: per forward call and in total, (calls, bytes
-    sent by this rank to the others) per kind (all_to_all, all_gather)."""
+    sent by this rank to the others) per kind (all_to_all, all_gather); and per call the wall time
+    spent inside them (waiting for the other ranks included)."""
 
     calls: list[dict[str, list[int]]] = field(default_factory=list)  # one dict per forward call
     total: dict[str, list[int]] = field(default_factory=dict)
+    seconds: list[float] = field(default_factory=list)  # per forward call: wall time inside the collectives
 
     def begin(self) -> None:
         self.calls.append({})
+        self.seconds.append(0.0)
 
-    def record(self, kind: str, nbytes: int) -> None:
+    def record(self, kind: str, nbytes: int, seconds: float = 0.0) -> None:
         if not self.calls:
             self.begin()
         for d in (self.calls[-1], self.total):
             entry = d.setdefault(kind, [0, 0])
             entry[0] += 1
             entry[1] += int(nbytes)
+        self.seconds[-1] += seconds
 
     @property
     def last(self) -> dict[str, list[int]]:
@@ -70,6 +75,7 @@ class CommStats:
     def reset(self) -> None:
         self.calls.clear()
         self.total.clear()
+        self.seconds.clear()
 
     @staticmethod
     def describe(d: dict[str, list[int]]) -> str:
@@ -183,8 +189,9 @@ def gather(x: torch.Tensor, ctx: int, dim: int, segments: Segments) -> torch.Ten
         pad[dim] = most - x.shape[dim]
         padded = torch.cat([x, x.new_zeros(pad)], dim)
     bufs = [torch.empty_like(padded) for _ in range(c.world)]
+    start = time.perf_counter()
     dist.all_gather(bufs, padded.contiguous(), group=c.group)
-    c.stats.record("all_gather", _bytes(padded) * (c.world - 1))
+    c.stats.record("all_gather", _bytes(padded) * (c.world - 1), time.perf_counter() - start)
     return _assemble([b.narrow(dim, 0, s) for b, s in zip(bufs, sizes)], dim, segments, c.world)
 
 
@@ -194,9 +201,11 @@ def _all_to_all(c: Context, send: list[torch.Tensor], recv_shapes: list[tuple], 
     flat_in = torch.cat([s.reshape(-1) for s in send])
     out_sizes = [int(torch.Size(s).numel()) for s in recv_shapes]
     flat_out = like.new_empty(sum(out_sizes))
+    start = time.perf_counter()
     dist.all_to_all_single(flat_out, flat_in, output_split_sizes=out_sizes,
                            input_split_sizes=[s.numel() for s in send], group=c.group)
-    c.stats.record("all_to_all", sum(_bytes(s) for j, s in enumerate(send) if j != c.rank))
+    c.stats.record("all_to_all", sum(_bytes(s) for j, s in enumerate(send) if j != c.rank),
+                   time.perf_counter() - start)
     return [p.reshape(s) for p, s in zip(flat_out.split(out_sizes), recv_shapes)]
 
 
