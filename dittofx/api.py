@@ -37,7 +37,7 @@ def optimize(model: nn.Module, passes=(), example_inputs=None, example_kwargs=No
     if not isinstance(model, nn.Module):
         raise DittoError(f"optimize() takes a torch.nn.Module, not {type(model).__name__}")
     pass_list = parse_passes(passes)
-    check_order(pass_list)  # before the capture's work
+    check_order(pass_list)  # before the capture's work (the pass manager runs them in the order it gives)
     if compile and any(p.name == "sp" for p in pass_list):
         raise PassSpecError("sp with compile=True is not supported yet (its collectives run eagerly, between the "
                             "compiled parts they would split): optimize without compile=True")

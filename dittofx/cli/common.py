@@ -52,9 +52,7 @@ def parse_pass_args(specs: list[str]) -> list:
     from dittofx.passes.manager import check_order
     from dittofx.passes.spec import parse_passes
 
-    passes = parse_passes(specs)
-    check_order(passes)
-    return passes
+    return check_order(parse_passes(specs))
 
 
 def writable(path: str, flag: str) -> str:

@@ -4,9 +4,10 @@
 
 What it guarantees, in order:
 
-1. Ordering, before anything runs (`check_order`): each pass is given once, and each pass's declared
-   constraints (`composes_with`, `runs_before`, `runs_last`, passes/base.py) hold, or one PassSpecError
-   line names the two passes and the fix.
+1. Ordering, before anything runs (`check_order`): each pass is given once and only with passes it
+   composes with (`composes_with`), or one PassSpecError line names them and the fix; the passes run
+   as given, except where their declared constraints (`runs_before`, `runs_last`, passes/base.py) put
+   one elsewhere: then the report's notes say in which order they ran.
 2. The prologue: `CanonicalizeAttention` runs first whenever any pass is given (unless given), so
    every pass sees one form of attention.
 3. For each pass: a model with no attention, or one whose every block the pass's `check()` refuses,
@@ -39,8 +40,11 @@ from dittofx.rewriter.edit import refresh_meta, remove_dead
 PROLOGUE: tuple[type[Pass], ...] = (CanonicalizeAttention,)
 
 
-def check_order(passes: list[Pass]) -> None:
-    """Every pass's ordering constraints hold in `passes`, or PassSpecError (one line)."""
+def check_order(passes: list[Pass]) -> list[Pass]:
+    """The order the passes run in: as given, except where a pass's declared constraints (`runs_before`,
+    `runs_last`, passes/base.py) put it elsewhere (["pab", "sp"] runs as sp, pab: PAB wraps what sp
+    inserts; the report says so). A pass given twice, or with one it does not compose with, is one
+    PassSpecError line."""
     names = [p.name for p in passes]
     for i, name in enumerate(names):
         if name in names[:i]:
@@ -52,28 +56,40 @@ def check_order(passes: list[Pass]) -> None:
         if others:
             raise PassSpecError(f"{p.name} cannot be given with {', '.join(others)} (tested with: "
                                 f"{', '.join(p.composes_with) or 'no other pass'}): drop {' and '.join(others)}")
-    for i, p in enumerate(passes):  # a pass that names the one before it first: its line says what to do
-        for later in p.runs_before:
-            if later in names[:i]:
-                raise PassSpecError(f"{p.name} must come before {later} ({later} continues from what {p.name} "
-                                    f"leaves), but {later} is given first: write {p.name} before {later}")
-    for i, p in enumerate(passes):
-        if p.runs_last and i != len(passes) - 1:
-            raise PassSpecError(f"{p.name} must be the last pass ({type(p).__name__} hides the graph from later "
-                                f"passes), but {names[i + 1]} follows it: put {p.name} last")
+    last = [p.name for p in passes if p.runs_last]
+    if len(last) > 1:
+        raise PassSpecError(f"{' and '.join(last)} must each run last: give only one of them")
+    left, ordered = list(passes), []
+    while left:  # the first pass given that nothing left must precede, runs_last ones only at the end
+        ready = [p for p in left if not any(p.name in q.runs_before for q in left if q is not p)]
+        p = next((p for p in ready if not p.runs_last or len(left) == 1), ready[0])
+        ordered.append(p)
+        left.remove(p)
+    return ordered
+
+
+def reorder_note(given: list[Pass], ordered: list[Pass]) -> str | None:
+    """What the report says when the passes run in another order than given."""
+    if [p.name for p in given] == [p.name for p in ordered]:
+        return None
+    return (f"passes run as {', '.join(p.name for p in ordered)} (given as {', '.join(p.name for p in given)}): "
+            f"each pass's declared order (runs_before, runs_last) puts them so")
 
 
 class PassManager:
     def __init__(self, passes: list[Pass]):
-        check_order(passes)
+        ordered = check_order(passes)
+        self.note = reorder_note(passes, ordered)
         prologue = [cls() for cls in PROLOGUE if passes and not any(isinstance(p, cls) for p in passes)]
-        self.passes = prologue + list(passes)
+        self.passes = prologue + ordered
 
     def run(self, model, cap: Capture):
         """Run the pipeline over the captured graph; returns (graph module, report)."""
         gm = cap.graph_module
         analysis = _analyze(model, cap)
         report = describe(model, cap, analysis)
+        if self.note:
+            report.notes.append(self.note)
         for i, p in enumerate(self.passes):
             self._applies(p, model, analysis)
             try:
