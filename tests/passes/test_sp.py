@@ -113,6 +113,49 @@ def forward_worker(rank, world, names):
     return out
 
 
+def peer_worker(rank, world):
+    """diffusers' own context parallelism (Ulysses, `enable_parallelism`) on the same Wan weights, and
+    dittofx's sp: both equal one process over an 8-step loop; what each sends per step."""
+    import copy
+
+    from diffusers import ContextParallelConfig
+
+    zm = zoo.build("wan")
+    ref = denoise(zm.model, zm, steps=8)
+    ours = _optimize(zm, ["sp"])
+    ours.comm_stats.reset()
+    got = denoise(ours, zm, steps=8)
+    sent = []  # (kind, bytes this rank sends), counted as runtime/sp.py counts its own
+    import torch.distributed._functional_collectives as funcol
+
+    real = funcol.all_to_all_single, funcol.all_gather_tensor
+    torch.accelerator.device_count = lambda: 1  # diffusers picks rank % device_count(): 0 without a GPU
+    peer = copy.deepcopy(zm.model)
+    peer.enable_parallelism(config=ContextParallelConfig(ulysses_degree=world))
+
+    def call(*args, **kwargs):
+        return peer(*args, **kwargs, return_dict=False)
+
+    def a2a(x, *a, **k):  # even splits in this model: (world - 1) / world of x leaves the rank
+        sent.append(("all_to_all", x.numel() * x.element_size() * (world - 1) // world))
+        return real[0](x, *a, **k)
+
+    def gather(x, *a, **k):
+        sent.append(("all_gather", x.numel() * x.element_size() * (world - 1)))
+        return real[1](x, *a, **k)
+
+    funcol.all_to_all_single, funcol.all_gather_tensor = a2a, gather  # what diffusers' attention and hooks call
+    try:
+        theirs = denoise(call, zm, steps=8)
+    finally:
+        funcol.all_to_all_single, funcol.all_gather_tensor = real
+    per_step = {k: sum(b for kind, b in sent if kind == k) // 8 for k in ("all_to_all", "all_gather")}
+    ours_per_step = {k: sum(c.get(k, [0, 0])[1] for c in ours.comm_stats.calls[-8:]) // 8
+                     for k in ("all_to_all", "all_gather")}
+    return {"ours": rel(got, ref), "theirs": rel(theirs, ref), "between": rel(got, theirs),
+            "their_bytes": per_step, "our_bytes": ours_per_step}
+
+
 def failing_worker(rank, world):
     if rank == 1:
         raise ValueError("rank one fails on purpose")
@@ -175,6 +218,13 @@ def test_every_zoo_model_forward():
         for name, (diff, notes) in rank_result.items():
             assert diff <= TOLERANCE, (name, diff, notes)
             assert any("tokens split over 2 ranks" in n for n in notes), name
+
+
+def test_diffusers_context_parallelism_side_by_side():
+    """The peer on gloo: diffusers' Ulysses on the same Wan gives the same output, and moves what sp moves."""
+    for r in rt.launch(peer_worker, 2):
+        assert r["ours"] <= TOLERANCE and r["theirs"] <= TOLERANCE and r["between"] <= TOLERANCE, r
+        assert r["our_bytes"] == r["their_bytes"] and r["our_bytes"]["all_to_all"] > 0, r
 
 
 def test_a_failing_rank_does_not_hang():
