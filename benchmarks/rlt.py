@@ -34,6 +34,8 @@ import torch.nn.functional as F
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 
 import dittofx
+from dittofx.errors import DittoError
+from dittofx.measure.inputs import read_video
 from dittofx.measure.timing import interleaved
 from dittofx.passes.rlt import RLT, keep_mask
 
@@ -80,27 +82,13 @@ def real_clips(path: str, frames: int, size: int, batch: int, stride: int = 2) -
         raise SystemExit(f"--real {path}: no such file (the shipped clip is benchmarks/data/cityCC0_224.mp4; "
                          f"--no-real skips the row)")
     try:
-        import av
-    except ImportError:
-        print("(PyAV missing: pip install av; the real clip is skipped)")
+        video = read_video(path, size)  # (T, C, size, size) in [0, 1]: short side resized, centre crop
+    except DittoError as e:
+        print(f"({e}; the real clip is skipped)")
         return None
-    import numpy as np
-
-    with av.open(path) as container:
-        video = np.stack([f.to_ndarray(format="rgb24") for f in container.decode(video=0)])
-    video = torch.from_numpy(video).permute(0, 3, 1, 2).float() / 255  # (T, C, H, W)
     span = frames * stride
     starts = [round(i * (len(video) - span) / max(1, batch - 1)) for i in range(batch)]
-    out = []
-    for s in starts:
-        clip = video[s:s + span:stride]
-        h, w = clip.shape[-2:]
-        scale = size / min(h, w)
-        clip = F.interpolate(clip, size=(round(h * scale), round(w * scale)), mode="bilinear", antialias=True,
-                             align_corners=False)
-        h, w = clip.shape[-2:]
-        clip = clip[..., (h - size) // 2:(h - size) // 2 + size, (w - size) // 2:(w - size) // 2 + size]
-        out.append((clip - MEAN) / STD)
+    out = [(video[s:s + span:stride] - MEAN) / STD for s in starts]
     return torch.stack(out)
 
 

@@ -37,24 +37,19 @@ import torch
 import torch.nn.functional as F
 
 import dittofx
+from dittofx.errors import DittoError
+from dittofx.measure.inputs import read_video
 from dittofx.passes import ToMe
 
 VIDEO = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "benchmarks", "data", "cityCC0_224.mp4")
 
 
-def decode(path: str) -> torch.Tensor:
-    """Every frame of `path`, (T, C, H, W) in [0, 1]."""
+def read(path: str) -> torch.Tensor:
+    """Every frame of `path` (dittofx.measure.inputs.read_video); what goes wrong, one line."""
     try:
-        import av
-    except ImportError:
-        raise SystemExit("decoding the video needs PyAV: pip install av") from None
-    import numpy as np
-
-    if not os.path.exists(path):
-        raise SystemExit(f"--video {path}: no such file")
-    with av.open(path) as container:
-        video = np.stack([f.to_ndarray(format="rgb24") for f in container.decode(video=0)])
-    return torch.from_numpy(video).permute(0, 3, 1, 2).float() / 255
+        return read_video(path)
+    except DittoError as e:
+        raise SystemExit(f"--video: {e}") from None
 
 
 def images(video: torch.Tensor, classes: int, per_class: int, size: int, mean, std, seed: int):
@@ -128,7 +123,7 @@ def main(argv=None) -> int:
     mean = torch.tensor(cfg.get("mean", (0.485, 0.456, 0.406)))
     std = torch.tensor(cfg.get("std", (0.229, 0.224, 0.225)))
     size = model.patch_embed.img_size[0]
-    video = decode(args.video)
+    video = read(args.video)
     x_all, y_all = images(video, args.classes, args.per_class, size, mean, std, args.seed)
     batch = min(args.batch or len(x_all), len(x_all))
     print(f"{os.path.basename(args.video)}: {len(video)} frames in {args.classes} segments (the labels); "

@@ -40,35 +40,21 @@ import torch
 import torch.nn.functional as F
 
 import dittofx
+from dittofx.errors import DittoError
+from dittofx.measure.inputs import read_video
 from dittofx.passes import RLT
 
 VIDEO = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "benchmarks", "data", "cityCC0_224.mp4")
+
+
+def read(path: str, size: int) -> torch.Tensor:
+    """Every frame of `path` at size x size (dittofx.measure.inputs.read_video); what goes wrong, one line."""
+    try:
+        return read_video(path, size)
+    except DittoError as e:
+        raise SystemExit(f"--video: {e}") from None
 MEAN = torch.tensor([0.485, 0.456, 0.406])[:, None, None]  # ImageNet: what VideoMAE's processors use
 STD = torch.tensor([0.229, 0.224, 0.225])[:, None, None]
-
-
-def decode(path: str, size: int) -> torch.Tensor:
-    """Every frame of `path`, (T, C, size, size) in [0, 1]: short side resized to `size`, centre-cropped."""
-    try:
-        import av
-    except ImportError:
-        raise SystemExit("decoding the video needs PyAV: pip install av") from None
-    import numpy as np
-
-    if not os.path.exists(path):
-        raise SystemExit(f"--video {path}: no such file")
-    with av.open(path) as container:
-        video = np.stack([f.to_ndarray(format="rgb24") for f in container.decode(video=0)])
-    video = torch.from_numpy(video).permute(0, 3, 1, 2).float() / 255
-    h, w = video.shape[-2:]
-    if (h, w) != (size, size):
-        scale = size / min(h, w)
-        video = torch.cat([F.interpolate(part, size=(max(size, round(h * scale)), max(size, round(w * scale))),
-                                         mode="bilinear", antialias=True, align_corners=False)
-                           for part in video.split(32)])
-        h, w = video.shape[-2:]
-        video = video[..., (h - size) // 2:(h - size) // 2 + size, (w - size) // 2:(w - size) // 2 + size]
-    return video
 
 
 def cut_clips(video: torch.Tensor, frames: int, strides: list[int], starts: int):
@@ -152,7 +138,7 @@ def main(argv=None) -> int:
 
     model = build(args, len(args.strides))
     cfg = model.config
-    video = decode(args.video, cfg.image_size)
+    video = read(args.video, cfg.image_size)
     clips, labels, first = cut_clips(video, cfg.num_frames, args.strides, starts)
     batch = min(args.batch or len(clips), len(clips))
     print(f"{os.path.basename(args.video)}: {len(video)} frames; {len(clips)} clips of {cfg.num_frames} frames at "

@@ -167,6 +167,36 @@ def _hf_processor(model_dir):
         return None
 
 
+def read_video(path: str, size: int | None = None) -> torch.Tensor:
+    """Every frame of the video at `path`, (T, C, H, W) in [0, 1]; with `size`, each frame's short side
+    resized to `size` (bilinear, antialiased) and centre-cropped to size x size. Decoded with PyAV;
+    a missing file, PyAV or a frame is one DittoError line."""
+    import torch.nn.functional as F
+
+    if not os.path.isfile(path):
+        raise DittoError(f"{path}: no such video file")
+    try:
+        import av
+        import numpy as np
+    except ImportError:
+        raise DittoError("reading videos needs PyAV: pip install av") from None
+    try:
+        with av.open(path) as container:
+            video = np.stack([f.to_ndarray(format="rgb24") for f in container.decode(video=0)])
+    except Exception as e:  # noqa: BLE001 - PyAV's errors, and a file with no frame (np.stack of nothing)
+        raise DittoError(f"cannot decode video {path}: {first_line(e)}") from None
+    video = torch.from_numpy(video).permute(0, 3, 1, 2).float() / 255
+    h, w = video.shape[-2:]
+    if size is None or (h, w) == (size, size):
+        return video
+    scale = size / min(h, w)
+    shape = (max(size, round(h * scale)), max(size, round(w * scale)))
+    video = torch.cat([F.interpolate(part, size=shape, mode="bilinear", antialias=True, align_corners=False)
+                       for part in video.split(32)])  # 32 frames at a time: the antialias buffers stay small
+    top, left = (shape[0] - size) // 2, (shape[1] - size) // 2
+    return video[..., top:top + size, left:left + size]
+
+
 def _load_videos(files, example, model_dir, max_inputs, frame_stride) -> torch.Tensor:
     """Clips of T frames `frame_stride` apart, one after another from the start of each video."""
     try:
