@@ -52,6 +52,7 @@ START = ("start one: torch.distributed.init_process_group('gloo' on CPU, 'nccl' 
 
 for _fn in (rt.local_slice, rt.gather, rt.seq_to_heads, rt.heads_to_seq):
     ax.register_rule(_fn, ax.same_as_first_input)
+ax.register_rule(rt.qkv_to_heads, lambda node, axes: (ax.EMPTY, *axes.tensors.get(node.args[0], ())))
 
 
 @dataclass(repr=False)
@@ -163,10 +164,16 @@ class SequenceParallel(Pass):
         mask_ok = mask is None or not isinstance(mask, fx.Node) or sh.rank_of(mask) < 3 or sh.shape[mask][-3] == 1
         ulysses = self.method == "ulysses" and rank == 4 and mask_ok and heads % sh.world == 0 \
             and kv_heads % sh.world == 0
-        if ulysses:
+        if ulysses and sq == sk and sh.shape[q] == sh.shape[k] == sh.shape[v]:
+            # one all_to_all for the three (the same bytes; one collective's latency instead of three)
+            qkv = sh.call_before(node, rt.qkv_to_heads, (q, k, v, sh.ctx, sq.segments), (3, *sh.shape[q]))
+            for i, x in enumerate((q, k, v)):
+                node.replace_input_with(x, sh.call_before(node, torch.ops.aten.select.int, (qkv, 0, i), sh.shape[x]))
+        elif ulysses:
             for x, split in ((q, sq), (k, sk), (v, sk)):
                 swapped = sh.call_before(node, rt.seq_to_heads, (x, sh.ctx, split.segments), sh.shape[x])
                 node.replace_input_with(x, swapped)
+        if ulysses:
             users = list(node.users)
             back = sh.call_after(node, rt.heads_to_seq, (node, sh.ctx, sq.segments), sh.shape[node])
             for u in users:

@@ -7,6 +7,7 @@ functions of this module (call_function nodes, so the graph stays readable and f
     local_slice(x, ctx, dim, segments)       this rank's chunk of a replicated tensor (no communication)
     gather(x, ctx, dim, segments)            every rank's chunk, in the global token order (all_gather)
     seq_to_heads(x, ctx, segments)           Ulysses: (B, H, N_local, d) -> (B, H/W, N, d) (all_to_all)
+    qkv_to_heads(q, k, v, ctx, segments)     the same for queries, keys and values in one all_to_all
     heads_to_seq(x, ctx, segments)           its inverse, after the attention (all_to_all)
 
 `segments` describe the split axis as a concatenation of segments (outer, n, inner), each of global
@@ -224,6 +225,20 @@ def seq_to_heads(x: torch.Tensor, ctx: int, segments: Segments) -> torch.Tensor:
     return _assemble(got, 2, segments, c.world)
 
 
+def qkv_to_heads(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, ctx: int, segments: Segments) -> torch.Tensor:
+    """`seq_to_heads` of queries, keys and values of one shape in one all_to_all: (3, B, H/W, N, d).
+    The same bytes as three; one collective's latency instead of three."""
+    c = context(ctx)
+    b, h, _, d = q.shape
+    hw = h // c.world
+    if _fake(q):
+        return q.new_empty((3, b, hw, global_size(segments), d))
+    sizes = [local_size(segments, r, c.world) for r in range(c.world)]
+    send = [torch.stack([x.narrow(1, j * hw, hw) for x in (q, k, v)]) for j in range(c.world)]
+    got = _all_to_all(c, send, [(3, b, hw, n, d) for n in sizes], q)
+    return _assemble(got, 3, segments, c.world)
+
+
 def heads_to_seq(x: torch.Tensor, ctx: int, segments: Segments) -> torch.Tensor:
     """Ulysses, after attention: (B, H/W, N, d) in the global order -> (B, H, N_local, d)."""
     c = context(ctx)
@@ -236,7 +251,7 @@ def heads_to_seq(x: torch.Tensor, ctx: int, segments: Segments) -> torch.Tensor:
     return torch.cat(got, 1)
 
 
-COLLECTIVES = (gather, seq_to_heads, heads_to_seq)
+COLLECTIVES = (gather, seq_to_heads, qkv_to_heads, heads_to_seq)
 
 
 class SPGraph(torch.nn.Module):
