@@ -187,6 +187,13 @@ class Sharder:
         s = self.state.get(node) if isinstance(node, fx.Node) else None
         return s if isinstance(s, Split) else None
 
+    def split_in(self, node: fx.Node) -> Split:
+        """The split of `node`'s first argument; Fallback where it is not split."""
+        s = self.split_of(node.args[0])
+        if s is None:
+            raise Fallback
+        return s
+
     def run(self, start: fx.Node) -> None:
         nodes = list(self.graph.nodes)
         for node in nodes[nodes.index(start) + 1:]:
@@ -320,10 +327,7 @@ def _linear(sh: Sharder, node: fx.Node):
 
 
 def _reshape(sh: Sharder, node: fx.Node):
-    x = node.args[0]
-    s = sh.split_of(x)
-    if s is None:
-        raise Fallback
+    x, s = node.args[0], sh.split_in(node)
     out = map_split(s, sh.shape[x], sh.shape[node])
     if out is None:
         raise Fallback
@@ -345,10 +349,7 @@ def _reshape(sh: Sharder, node: fx.Node):
 
 
 def _expand(sh: Sharder, node: fx.Node):
-    x = node.args[0]
-    s = sh.split_of(x)
-    if s is None:
-        raise Fallback
+    x, s = node.args[0], sh.split_in(node)
     sizes = list(node.args[1])
     d = s.dim + len(sizes) - sh.rank_of(x)
     sizes[d] = -1
@@ -397,10 +398,7 @@ def _local_bounds(split: Split, rank: int, world: int) -> list[int]:
 
 
 def _slice(sh: Sharder, node: fx.Node):
-    x = node.args[0]
-    s = sh.split_of(x)
-    if s is None:
-        raise Fallback
+    x, s = node.args[0], sh.split_in(node)
     rank = sh.rank_of(x)
     d = (node.args[1] if len(node.args) > 1 else 0) % rank
     if d != s.dim:
@@ -426,10 +424,7 @@ def _slice(sh: Sharder, node: fx.Node):
 
 
 def _split(sh: Sharder, node: fx.Node):
-    x = node.args[0]
-    s = sh.split_of(x)
-    if s is None:
-        raise Fallback
+    x, s = node.args[0], sh.split_in(node)
     rank = sh.rank_of(x)
     d = (node.args[2] if len(node.args) > 2 else node.kwargs.get("dim", 0)) % rank
     pieces = node.meta.get("val")
