@@ -151,6 +151,11 @@ class OptimizedModule(nn.Module):
         super().__init__()
         self.__dict__["_original"] = model  # not a submodule: its parameters are shared, not copied
         self.training = model.training  # the original's mode: which graph a call runs
+        if self.training and _untrainable(passes):  # e.g. a diffusers model built in code, given with pab
+            _log.log.warning("%s is in train mode, but %s does not train: it is optimized for inference (its "
+                             "eval-mode graph; the model itself is left in train mode); call model.eval() before "
+                             "optimize() to say so", type(model).__name__, ", ".join(_untrainable(passes)))
+            self.training = False
         self.passes = passes
         self.dynamic_batch = dynamic_batch
         self.compiled = compile
@@ -384,13 +389,18 @@ class OptimizedModule(nn.Module):
 LEARNED = "dittofx."  # state_dict prefix of the passes' own parameters
 
 
+def _untrainable(passes: list[Pass]) -> list[str]:
+    """The passes that may not run in a training graph. Those that may: the attention's canonical form,
+    ToMe in ViT mode (merging for good, as the paper trains) and RLT (as its paper fine-tunes), whose
+    gradients are checked against references. Not PAB (its caches skip the backward of whole steps),
+    ToMe(ratio) (diffusion mode) nor sp."""
+    return [p.spec() for p in passes if not (p.name in ("sdpa", "rlt") or
+                                             (p.name == "tome" and getattr(p, "ratio", None) is None))]
+
+
 def _check_trainable(passes: list[Pass]) -> None:
-    """PassSpecError (one line) unless every pass may run in a training graph: the attention's canonical
-    form, ToMe in ViT mode (merging for good, as the paper trains) and RLT (as its paper fine-tunes),
-    whose gradients are checked against references. Not PAB (its caches skip the backward of whole
-    steps) nor ToMe(ratio), diffusion mode."""
-    refused = [p.spec() for p in passes if not (p.name in ("sdpa", "rlt") or
-                                                (p.name == "tome" and getattr(p, "ratio", None) is None))]
+    """PassSpecError (one line) unless every pass may run in a training graph (`_untrainable`)."""
+    refused = _untrainable(passes)
     if refused:
         raise PassSpecError(f"training with {', '.join(refused)} is not supported (train mode supports no passes, "
                             f"sdpa, rlt, and tome with r, ViT mode); optimize without them to train")

@@ -174,6 +174,22 @@ def test_unsupported_pass_in_train_mode_is_refused():
     assert not opt.training and not zm.model.training
 
 
+def test_model_in_train_mode_with_an_inference_pass_is_optimized_for_inference(caplog):
+    """A model built in code is in train mode; given with pab it gets the inference graph, said once."""
+    zm = zoo.build("latte")
+    zm.model.train()
+    with caplog.at_level("WARNING", logger="dittofx"):
+        opt = dittofx.optimize(zm.model, ["pab"], zm.example_inputs, zm.example_kwargs)
+    assert not opt.training and zm.model.training
+    assert any("is in train mode, but pab" in r.getMessage() and "model.eval()" in r.getMessage()
+               for r in caplog.records)
+    assert all(not v.for_training for v in opt.variants)
+    with torch.no_grad():
+        got = opt(*zm.example_inputs, **zm.example_kwargs)[0]
+        want = zm.model.eval()(*zm.example_inputs, **zm.example_kwargs)[0]
+    torch.testing.assert_close(got, want)  # PAB's first call computes every attention: the eval model's output
+
+
 def test_tome_with_dropout_is_checked_and_seeded():
     """ToMe(r=2) in train mode with dropout and stochastic depth: the safety net (check=True) replays the
     generator for the graph, and a call's draws follow the seed."""
