@@ -62,6 +62,9 @@ def check_order(passes: list[Pass]) -> list[Pass]:
     left, ordered = list(passes), []
     while left:  # the first pass given that nothing left must precede, runs_last ones only at the end
         ready = [p for p in left if not any(p.name in q.runs_before for q in left if q is not p)]
+        if not ready:
+            raise PassSpecError(f"passes {', '.join(p.name for p in left)} each must come before another of them: "
+                                f"their declared orders (runs_before) cannot all hold")
         p = next((p for p in ready if not p.runs_last or len(left) == 1), ready[0])
         ordered.append(p)
         left.remove(p)

@@ -76,6 +76,21 @@ def test_ordering_is_declared_on_the_passes():
     assert check_order([tome, pab, rlt]) == [rlt, tome, pab]
 
 
+def test_orders_that_cannot_all_hold_are_one_line():
+    @dataclass(repr=False)
+    class First(Pass):
+        name: ClassVar[str] = "first"
+        runs_before: ClassVar[tuple[str, ...]] = ("second",)
+
+    @dataclass(repr=False)
+    class Second(Pass):
+        name: ClassVar[str] = "second"
+        runs_before: ClassVar[tuple[str, ...]] = ("first",)
+
+    msg = _spec_refusal(check_order, [First(), Second()])
+    assert "first, second each must come before another of them" in msg
+
+
 def test_a_reordered_pipeline_says_so_in_the_report():
     zm = zoo.build("videomae")
     opt = dittofx.optimize(zm.model, ["tome:r=2", "rlt"], zm.example_inputs)
