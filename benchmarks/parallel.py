@@ -89,15 +89,9 @@ def build(name: str, size: str):
     return m.eval(), (x,), {"encoder_hidden_states": text, "timestep": t.float()}
 
 
-def per_step(stats, steps: int) -> dict:
-    """Collectives and bytes one rank sent per step, averaged over the last loop's calls."""
-    calls = stats.calls[-steps:]
-    return {"collectives": sum(n for c in calls for n, _ in c.values()) / steps,
-            "ms_in_collectives": sum(stats.seconds[-steps:]) / steps * 1e3,
-            "bytes": sum(b for c in calls for _, b in c.values()) / steps,
-            "bytes_by_kind": {k: sum(c.get(k, [0, 0])[1] for c in calls) / steps for k in ("all_to_all", "all_gather")},
-            "collectives_by_kind": {k: sum(c.get(k, [0, 0])[0] for c in calls) / steps
-                                    for k in ("all_to_all", "all_gather")}}
+def sent_by(comm: dict, kind: str) -> float:
+    """Bytes one rank sent per step in collectives of `kind` (CommStats.mean's form)."""
+    return comm["by_kind"].get(kind, [0, 0])[1]
 
 
 class Counted:
@@ -193,15 +187,16 @@ def worker(rank: int, world: int, name: str, size: str, steps: int, rounds: int,
         peer_log.clear()
         with torch.inference_mode():
             runs["diffusers CP"]()
-        peer_comm = {"collectives": len(peer_log) / steps, "bytes": sum(b for _, b in peer_log) / steps,
-                     "bytes_by_kind": {k: sum(b for kind, b in peer_log if kind == k) / steps
-                                       for k in ("all_to_all", "all_gather")}}
+        kinds = {k: [sum(kind == k for kind, _ in peer_log) / steps,  # as CommStats.mean gives dittofx's
+                     sum(b for kind, b in peer_log if kind == k) / steps] for k in ("all_to_all", "all_gather")}
+        peer_comm = {"calls_per_call": len(peer_log) / steps, "bytes_per_call": sum(b for _, b in peer_log) / steps,
+                     "ms_per_call": None, "by_kind": kinds}
     row["broadcast_share"] = self_attention_broadcast_share(opt["sp+pab"], lambda: wl.run(
         call_module(opt["sp+pab"]), reset=opt["sp+pab"].reset))
     flops = {"untouched": count_flops(runs["untouched"]), "pab": count_flops(runs["pab"])}
     flops.update({k: count_flops(runs[k]) for k in ("sp", "sp+pab")})  # one rank's share
     timings = interleaved(runs, rounds=rounds, warmup=warmup)
-    comm = {k: per_step(opt[k].comm_stats, steps) for k in ("sp", "sp+pab")}  # the last timed loop
+    comm = {k: opt[k].comm_stats.mean(-steps) for k in ("sp", "sp+pab")}  # per step, over the last timed loop
     if peer is not None:
         comm["diffusers CP"] = peer_comm
     row.update(comm=comm, flops={k: v / steps for k, v in flops.items()},
@@ -245,9 +240,9 @@ def project(row: dict, devices: int) -> dict:
     times = {"1 device": f1 / RATE, "pab, 1 device": fp / RATE}
     for key, flops in (("sp", f1), ("sp+pab", fp)):
         c = row["comm"][key]
-        sent = (c["bytes_by_kind"]["all_to_all"] * volume * 4 * (p - 1) / p ** 2
-                + c["bytes_by_kind"]["all_gather"] * real["tokens"] / BENCH_LATTE["tokens"] * 2 * (p - 1) / p)
-        times[key] = flops / p / RATE + c["collectives"] * layers * LATENCY + sent / BANDWIDTH
+        sent = (sent_by(c, "all_to_all") * volume * 4 * (p - 1) / p ** 2
+                + sent_by(c, "all_gather") * real["tokens"] / BENCH_LATTE["tokens"] * 2 * (p - 1) / p)
+        times[key] = flops / p / RATE + c["calls_per_call"] * layers * LATENCY + sent / BANDWIDTH
     return {"model": "Latte-1 (projected)", "tflops_per_step": f1 / 1e12,
             **{k: times["1 device"] / v for k, v in times.items() if k != "1 device"}}
 
@@ -280,9 +275,9 @@ def main() -> None:
             base = r["comm"].get("diffusers CP")
             table.append({
                 "model": r["model"], "config": label, "ms1": r["ms"]["untouched"], "ms2": r["ms"][key],
-                "speedup": r["speedup"][key], "pab1": r["speedup"]["pab"], "coll": c["collectives"],
-                "kb": c["bytes"] / 1024, "in_coll": c.get("ms_in_collectives"),
-                "vs": c["bytes"] / base["bytes"] if base else None,
+                "speedup": r["speedup"][key], "pab1": r["speedup"]["pab"], "coll": c["calls_per_call"],
+                "kb": c["bytes_per_call"] / 1024, "in_coll": c["ms_per_call"],
+                "vs": c["bytes_per_call"] / base["bytes_per_call"] if base else None,
                 "diff": r["max_diff"].get(key if key != "sp+pab" else "sp+pab vs pab"),
                 "skipped": r["broadcast_share"] if key == "sp+pab" else None})
     print()
@@ -297,12 +292,12 @@ def main() -> None:
     for r in rows:
         if "diffusers CP" in r["comm"]:
             ours, theirs = r["comm"]["sp+pab"], r["comm"]["diffusers CP"]
-            a2a = ours["bytes_by_kind"]["all_to_all"] / theirs["bytes_by_kind"]["all_to_all"]
+            a2a = sent_by(ours, "all_to_all") / sent_by(theirs, "all_to_all")
             bound = 1 - r["broadcast_share"]
             print(f"goal: {r['model']} sp + pab's attention all_to_alls send {a2a:.3f} of diffusers CP's bytes, at "
                   f"most 1 - broadcast share = {bound:.3f}: {'met' if a2a <= bound + 1e-9 else 'NOT met'} (all bytes, "
                   f"the output's all_gather included, which every step makes in both: "
-                  f"{ours['bytes'] / theirs['bytes']:.3f})")
+                  f"{ours['bytes_per_call'] / theirs['bytes_per_call']:.3f})")
     proj = [project(r, a.devices) for r in rows if r["model"] == "latte" and r["size"] == "bench"]
     print()
     print_table(proj, [("model", "model", ""), ("tflops_per_step", "TFLOP/step", ".1f"),

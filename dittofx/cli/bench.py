@@ -376,15 +376,7 @@ def _comm_calls(opt) -> int:
 
 def _comm_per_call(opt, start: int) -> dict | None:
     """Collectives and bytes this rank sent, per forward call, over the calls since `start` (the timing)."""
-    stats = opt.comm_stats
-    if stats is None:
-        return None
-    calls = stats.calls[start:] or stats.calls[-1:]
-    n = max(len(calls), 1)
-    kinds = sorted({k for c in calls for k in c})
-    return {"calls_per_call": sum(c.get(k, [0, 0])[0] for c in calls for k in kinds) / n,
-            "bytes_per_call": sum(c.get(k, [0, 0])[1] for c in calls for k in kinds) / n,
-            "by_kind": {k: [sum(c.get(k, [0, 0])[i] for c in calls) / n for i in (0, 1)] for k in kinds}}
+    return None if opt.comm_stats is None else opt.comm_stats.mean(start)
 
 
 def _larger_batch(batch: int, seconds: float) -> int:

@@ -73,6 +73,17 @@ class CommStats:
     def last(self) -> dict[str, list[int]]:
         return self.calls[-1] if self.calls else {}
 
+    def mean(self, start: int = -1) -> dict:
+        """Per forward call, averaged over the calls from `start` on (a loop's: -steps): collectives,
+        bytes sent, milliseconds inside the collectives, and [collectives, bytes] per kind."""
+        calls, seconds = self.calls[start:], self.seconds[start:]
+        n = max(len(calls), 1)
+        kinds = sorted({k for c in calls for k in c})
+        by_kind = {k: [sum(c.get(k, [0, 0])[i] for c in calls) / n for i in (0, 1)] for k in kinds}
+        return {"calls_per_call": sum(v[0] for v in by_kind.values()),
+                "bytes_per_call": sum(v[1] for v in by_kind.values()),
+                "ms_per_call": sum(seconds) / n * 1e3, "by_kind": by_kind}
+
     def reset(self) -> None:
         self.calls.clear()
         self.total.clear()
@@ -210,33 +221,31 @@ def _all_to_all(c: Context, send: list[torch.Tensor], recv_shapes: list[tuple], 
     return [p.reshape(s) for p, s in zip(flat_out.split(out_sizes), recv_shapes)]
 
 
+def _to_heads(xs: tuple[torch.Tensor, ...], ctx: int, segments: Segments) -> torch.Tensor:
+    """Tensors of one shape (B, H, N_local, d), split along tokens, in one all_to_all:
+    (len(xs), B, H/W, N, d) split along heads, the tokens in their global order."""
+    c = context(ctx)
+    b, h, _, d = xs[0].shape
+    hw = h // c.world
+    if _fake(xs[0]):
+        return xs[0].new_empty((len(xs), b, hw, global_size(segments), d))
+    sizes = [local_size(segments, r, c.world) for r in range(c.world)]
+    send = [torch.stack([x.narrow(1, j * hw, hw) for x in xs]) for j in range(c.world)]
+    got = _all_to_all(c, send, [(len(xs), b, hw, n, d) for n in sizes], xs[0])
+    return _assemble(got, 3, segments, c.world)
+
+
 def seq_to_heads(x: torch.Tensor, ctx: int, segments: Segments) -> torch.Tensor:
     """Ulysses, before attention: (B, H, N_local, d) split along tokens -> (B, H/W, N, d) split along
     heads, the tokens in their global order (the attention then sums over keys in the same order as
     one process does)."""
-    c = context(ctx)
-    b, h, _, d = x.shape
-    hw = h // c.world
-    if _fake(x):
-        return x.new_empty((b, hw, global_size(segments), d))
-    sizes = [local_size(segments, r, c.world) for r in range(c.world)]
-    send = [p.contiguous() for p in x.split(hw, 1)]
-    got = _all_to_all(c, send, [(b, hw, n, d) for n in sizes], x)
-    return _assemble(got, 2, segments, c.world)
+    return _to_heads((x,), ctx, segments)[0]
 
 
 def qkv_to_heads(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, ctx: int, segments: Segments) -> torch.Tensor:
     """`seq_to_heads` of queries, keys and values of one shape in one all_to_all: (3, B, H/W, N, d).
     The same bytes as three; one collective's latency instead of three."""
-    c = context(ctx)
-    b, h, _, d = q.shape
-    hw = h // c.world
-    if _fake(q):
-        return q.new_empty((3, b, hw, global_size(segments), d))
-    sizes = [local_size(segments, r, c.world) for r in range(c.world)]
-    send = [torch.stack([x.narrow(1, j * hw, hw) for x in (q, k, v)]) for j in range(c.world)]
-    got = _all_to_all(c, send, [(3, b, hw, n, d) for n in sizes], q)
-    return _assemble(got, 3, segments, c.world)
+    return _to_heads((q, k, v), ctx, segments)
 
 
 def heads_to_seq(x: torch.Tensor, ctx: int, segments: Segments) -> torch.Tensor:
